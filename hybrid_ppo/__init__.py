@@ -1,0 +1,1 @@
+"""hybrid_ppo: colocated PPO for LLMs on one node."""

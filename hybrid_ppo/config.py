@@ -1,0 +1,364 @@
+"""Typed configuration: one dataclass per section, loaded from YAML plus dotted overrides.
+
+`load_config("configs/x.yaml", ["algo.kl_coef=0.02"])` returns a validated, frozen-by-convention
+`Config`. Every error is a `ConfigError` that names the full key, the value given and what is
+allowed, and it is raised before anything starts. Derived values are properties, never filled
+in later, so a config is not mutated after validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hybrid_ppo.algo.ppo import KLEstimator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+BUILTIN_PREFIX = "builtin:"
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key, the value given and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config key '{key}': got {value!r}; allowed: {allowed}")
+
+
+class DType(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class EngineKind(str, Enum):
+    HF = "hf"  # transformers generate(): the CPU engine and the fallback
+    VLLM = "vllm"
+
+
+class KLPlacement(str, Enum):
+    REWARD = "reward"  # -kl_coef * KL folded into the per-token reward (InstructGPT)
+    LOSS = "loss"  # kl_coef * KL added to the policy loss (GRPO-style)
+
+
+class ExecutorKind(str, Enum):
+    RAY = "ray"  # every role rank is a Ray actor in the one placement group
+    LOCAL = "local"  # one process, one rank per role: debugging, GPU boxes without Ray
+
+
+class _Section:
+    """Range checks shared by every section; `name` prefixes keys in error messages."""
+
+    name: ClassVar[str] = ""
+
+    def _require(self, ok: bool, attr: str, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.name}.{attr}", getattr(self, attr), allowed)
+
+    def _positive(self, *attrs: str) -> None:
+        for attr in attrs:
+            self._require(getattr(self, attr) > 0, attr, "a number > 0")
+
+    def _unit_interval(self, *attrs: str) -> None:
+        for attr in attrs:
+            self._require(0.0 <= getattr(self, attr) <= 1.0, attr, "a number in [0, 1]")
+
+
+@dataclass
+class ModelConfig(_Section):
+    name: ClassVar[str] = "model"
+    actor: str = "builtin:tiny-llama"
+    """Actor (policy) weights: a local HF model directory, or `builtin:tiny-llama` (built in code, warmed up)."""
+    critic: str | None = None
+    """Critic backbone; a fresh scalar value head goes on top. None: start from the actor's weights."""
+    reference: str | None = None
+    """Frozen reference policy for the KL term. None: the actor's initial weights."""
+    reward_model: str | None = None
+    """A local sequence-classification model (num_labels=1) used as reward. None: use `reward_fn`."""
+    reward_fn: str | None = "hybrid_ppo.tasks.max_digit:reward"
+    """Rule reward `module:function(prompts, responses, labels=None) -> list[float]`, used when reward_model is None."""
+    dtype: DType = DType.FP32
+    """Parameter and compute dtype of every role: fp32 or bf16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward for the actor and critic (saves memory, costs ~30% time)."""
+
+    def __post_init__(self) -> None:
+        has_rm, has_fn = self.reward_model is not None, self.reward_fn is not None
+        self._require(has_rm != has_fn, "reward_fn", "exactly one of model.reward_model / model.reward_fn set")
+        if has_fn:
+            self._require(":" in self.reward_fn, "reward_fn", "'package.module:function'")
+
+
+@dataclass
+class WarmupConfig(_Section):
+    name: ClassVar[str] = "warmup"
+    steps: int = 300
+    """Supervised steps that warm a `builtin:` model up before PPO (0 disables). Cached by config hash."""
+    lr: float = 3e-3
+    """AdamW learning rate of the warm-up."""
+    batch_size: int = 64
+    """Examples per warm-up step."""
+    teacher_accuracy: float = 0.35
+    """Fraction of warm-up labels that are correct; the rest come from a weak heuristic annotator."""
+
+    def __post_init__(self) -> None:
+        self._require(self.steps >= 0, "steps", "an integer >= 0")
+        self._positive("lr", "batch_size")
+        self._unit_interval("teacher_accuracy")
+
+
+@dataclass
+class DataConfig(_Section):
+    name: ClassVar[str] = "data"
+    prompts: str = "builtin:max-digit"
+    """Training prompts: a JSONL file with `prompt` (and optional `label`) per line, or `builtin:max-digit`."""
+    eval_prompts: str | None = None
+    """Held-out prompts in the same format. None: the builtin task's held-out split (builtin only)."""
+    max_prompt_tokens: int = 32
+    """Prompts longer than this (in tokens) are an error, not silently cut."""
+    eval_size: int = 256
+    """Held-out prompts scored for accuracy before and after PPO."""
+
+    def __post_init__(self) -> None:
+        self._positive("max_prompt_tokens", "eval_size")
+
+
+@dataclass
+class RolloutConfig(_Section):
+    name: ClassVar[str] = "rollout"
+    engine: EngineKind = EngineKind.HF
+    """Generation engine: `hf` (transformers generate; CPU default) or `vllm`."""
+    tensor_parallel_size: int = 1
+    """GPUs per rollout engine; engines = placement.num_gpus / tensor_parallel_size."""
+    max_new_tokens: int = 4
+    """Response length cap; a response without EOS by then is truncated (and scored as is)."""
+    temperature: float = 1.0
+    """Sampling temperature for rollouts (> 0). Evaluation is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for rollouts, in (0, 1]."""
+    sleep_level: int = 2
+    """vLLM sleep level between generations: 1 keeps weights in host RAM, 2 discards them (SYNC refills)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of each GPU the engine may take while awake (weights + KV cache)."""
+    weight_sync_bucket_mb: int = 512
+    """Actor -> engine weights travel in flat buckets of this many MiB."""
+
+    def __post_init__(self) -> None:
+        self._positive("tensor_parallel_size", "max_new_tokens", "temperature", "weight_sync_bucket_mb")
+        self._require(0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]")
+        self._require(self.sleep_level in (1, 2), "sleep_level", "1 or 2")
+        self._require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "a number in (0, 1]")
+
+
+@dataclass
+class TrainConfig(_Section):
+    name: ClassVar[str] = "train"
+    iterations: int = 40
+    """PPO iterations (generate -> score -> advantages -> train critic -> train actor -> sync)."""
+    rollout_batch_size: int = 64
+    """Prompts per iteration, over all engines."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt."""
+    mini_batch_size: int = 32
+    """Samples per optimizer step (global). rollout samples / mini_batch_size steps per epoch."""
+    micro_batch_size: int = 16
+    """Samples per forward/backward on one rank; the rest is gradient accumulation."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    actor_lr: float = 5e-4
+    critic_lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage for actor and critic: 2 or 3."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._positive("iterations", "rollout_batch_size", "samples_per_prompt", "mini_batch_size",
+                       "micro_batch_size", "ppo_epochs", "actor_lr", "critic_lr", "max_grad_norm")
+        self._require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        self._require(self.zero_stage in (2, 3), "zero_stage", "2 or 3")
+        self._require(self.samples_per_iteration % self.mini_batch_size == 0, "mini_batch_size",
+                      f"a divisor of rollout_batch_size * samples_per_prompt = {self.samples_per_iteration}")
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.rollout_batch_size * self.samples_per_prompt
+
+
+@dataclass
+class AlgoConfig(_Section):
+    name: ClassVar[str] = "algo"
+    gamma: float = 1.0
+    """Discount over response tokens."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip."""
+    value_clip_eps: float | None = 0.2
+    """Value clip around the old values; null disables."""
+    kl_coef: float = 0.01
+    """Weight of KL(pi || pi_ref)."""
+    kl_estimator: KLEstimator = KLEstimator.K1
+    """k1 (log-ratio), k2 (squared/2) or k3 (exp(-r) - 1 + r)."""
+    kl_in: KLPlacement = KLPlacement.REWARD
+    """Where the KL goes: `reward` (per-token penalty) or `loss`."""
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    """Entropy bonus in the policy loss."""
+    target_kl: float | None = None
+    """Stop the actor's epochs early when approx KL(old || new) exceeds this; null: never."""
+    vf_coef: float = 1.0
+    """Scale of the value loss."""
+
+    def __post_init__(self) -> None:
+        self._unit_interval("gamma", "lam")
+        self._require(0.0 < self.clip_eps < 1.0, "clip_eps", "a number in (0, 1)")
+        if self.value_clip_eps is not None:
+            self._positive("value_clip_eps")
+        self._require(self.kl_coef >= 0, "kl_coef", "a number >= 0")
+        self._require(self.entropy_coef >= 0, "entropy_coef", "a number >= 0")
+        if self.target_kl is not None:
+            self._positive("target_kl")
+        self._positive("vf_coef")
+
+
+@dataclass
+class PlacementConfig(_Section):
+    name: ClassVar[str] = "placement"
+    num_gpus: int = 2
+    """GPUs on the node (one placement-group bundle each). Without CUDA Ray fakes this many."""
+    gpu_per_role: float = 0.2
+    """GPU fraction each role rank (and each engine worker) asks for on its bundle."""
+    cpu_per_bundle: float = 0.5
+    """CPUs reserved per bundle; role ranks share it."""
+    cpu_per_role: float = 0.05
+    """CPU fraction each role actor asks for (Ray's default of 1 would not fit in a bundle)."""
+    executor: ExecutorKind = ExecutorKind.RAY
+    """`ray`: roles are Ray actors in one placement group; `local`: all roles in this process."""
+
+    def __post_init__(self) -> None:
+        self._positive("num_gpus", "cpu_per_bundle", "cpu_per_role")
+        self._require(0.0 < self.gpu_per_role <= 1.0, "gpu_per_role", "a number in (0, 1]")
+
+
+@dataclass
+class MemoryConfig(_Section):
+    name: ClassVar[str] = "memory"
+    offload: bool = True
+    """Apply the phase plan (offload what a phase does not need). false keeps every state resident."""
+    profile: bool = True
+    """Record device and host memory before and after every move (memory/... metrics)."""
+
+
+@dataclass
+class LoggingConfig(_Section):
+    name: ClassVar[str] = "logging"
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    run_name: str | None = None
+    """Run directory name under output_dir; null: a timestamp."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files (metrics.jsonl is always written)."""
+    cache_dir: str | None = None
+    """Warm-up checkpoints and JIT-built ops; null: <output_dir>/.cache."""
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / ".cache"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        gpus, tp = self.placement.num_gpus, self.rollout.tensor_parallel_size
+        if gpus % tp:
+            raise ConfigError("rollout.tensor_parallel_size", tp, f"a divisor of placement.num_gpus = {gpus}")
+        per_rank = self.train.mini_batch_size / (self.train.micro_batch_size * gpus)
+        if per_rank != int(per_rank) or per_rank < 1:
+            raise ConfigError("train.micro_batch_size", self.train.micro_batch_size,
+                              f"micro_batch_size * num_gpus ({gpus}) must divide train.mini_batch_size "
+                              f"= {self.train.mini_batch_size}")
+        if self.train.rollout_batch_size % self.num_engines:
+            raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
+                              f"a multiple of the number of rollout engines ({self.num_engines})")
+        if self.data.eval_prompts is None and not self.data.prompts.startswith(BUILTIN_PREFIX):
+            raise ConfigError("data.eval_prompts", None, "a JSONL path (required when data.prompts is a file)")
+
+    @property
+    def num_engines(self) -> int:
+        return self.placement.num_gpus // self.rollout.tensor_parallel_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.mini_batch_size // (self.train.micro_batch_size * self.placement.num_gpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able dict (enums as their values), as saved beside a run."""
+        as_dict = dataclasses.asdict(self)
+        return {s: {k: v.value if isinstance(v, Enum) else v for k, v in sec.items()} for s, sec in as_dict.items()}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("<config file>", str(path), "an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("<config file>", str(path), f"valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("<config file>", str(path), "a YAML mapping of sections")
+    return data
+
+
+def _allowed_for(cls: type, key: str) -> str:
+    """What a key accepts, for error messages: the field type, or the known keys of its section."""
+    parts = key.split(".")
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return "one of: " + ", ".join(fields)
+        cls = fields[part].default_factory  # type: ignore[assignment]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if parts[-1] not in fields:
+        return "one of: " + ", ".join(fields)
+    ftype = typing.get_type_hints(cls)[parts[-1]]
+    if isinstance(ftype, type) and issubclass(ftype, Enum):
+        return " | ".join(m.value for m in ftype)
+    return getattr(ftype, "__name__", str(ftype))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (default: configs/tiny-cpu.yaml) + `section.key=value` overrides -> validated Config."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(item, item, "overrides of the form section.key=value")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), OmegaConf.create(_read_yaml(path)), OmegaConf.from_dotlist(list(overrides))
+        )
+        return OmegaConf.to_object(merged)  # runs every __post_init__ range check
+    except OmegaConfBaseException as err:
+        key = err.full_key or "<root>"
+        value = getattr(err, "value", None)
+        if value is None and "not in" in str(err):
+            value = "<unknown key>"
+        raise ConfigError(key, value, _allowed_for(Config, key)) from None
