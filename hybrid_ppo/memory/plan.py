@@ -1,0 +1,114 @@
+"""The phase -> residency plan: which states of which role must be on the device in each phase.
+
+Read the table top to bottom as one PPO iteration.
+
+* GENERATE holds only the rollout engine (weights + KV cache). Every training role is offloaded,
+  not just the actor and critic as in OpenRLHF: the reference and reward model are dead weight here.
+* SCORE runs one model at a time, each for its forward only, so its peak is one model's weights
+  plus activations. The engine sleeps first (level 2 discards its weights; SYNC refills them).
+* ADVANTAGE is a pass over [B, T] rewards and values; no model needs to be resident.
+* TRAIN_CRITIC and TRAIN_ACTOR each hold one model's params + grads + optimizer, never both.
+* SYNC holds the actor's weights and the engine's weights only. The KV cache stays asleep until
+  GENERATE, so the peak during the copy is two copies of the weights and nothing else.
+
+Roles not named in a phase have nothing resident. `resident_everything()` is the plan used when
+`memory.offload=false`: every state stays put, which is handy for debugging but not a memory plan.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Mapping
+
+
+class Phase(str, Enum):
+    GENERATE = "generate"
+    SCORE_ACTOR = "score_actor"  # old log-probs
+    SCORE_REFERENCE = "score_reference"  # reference log-probs
+    SCORE_CRITIC = "score_critic"  # values
+    SCORE_REWARD = "score_reward"  # reward-model scores (a rule reward runs in the driver instead)
+    ADVANTAGE = "advantage"
+    TRAIN_CRITIC = "train_critic"
+    TRAIN_ACTOR = "train_actor"
+    SYNC = "sync"
+
+
+SCORE_PHASES = (Phase.SCORE_ACTOR, Phase.SCORE_REFERENCE, Phase.SCORE_CRITIC, Phase.SCORE_REWARD)
+
+
+class Role(str, Enum):
+    ACTOR = "actor"
+    CRITIC = "critic"
+    REFERENCE = "reference"
+    REWARD = "reward"
+    ROLLOUT = "rollout"
+
+
+class State(str, Enum):
+    WEIGHTS = "weights"  # what a forward needs (DeepSpeed lp_params, module params, engine weights)
+    TRAIN_STATE = "train_state"  # grads, optimizer moments and fp32 master weights
+    KV_CACHE = "kv_cache"  # the rollout engine's cache pool
+
+
+Residency = Mapping[Role, frozenset[State]]
+
+# The states each role has at all; a plan may only ask for these.
+ROLE_STATES: dict[Role, frozenset[State]] = {
+    Role.ACTOR: frozenset({State.WEIGHTS, State.TRAIN_STATE}),
+    Role.CRITIC: frozenset({State.WEIGHTS, State.TRAIN_STATE}),
+    Role.REFERENCE: frozenset({State.WEIGHTS}),
+    Role.REWARD: frozenset({State.WEIGHTS}),
+    Role.ROLLOUT: frozenset({State.WEIGHTS, State.KV_CACHE}),
+}
+
+_W, _T, _KV = State.WEIGHTS, State.TRAIN_STATE, State.KV_CACHE
+
+PHASE_PLAN: dict[Phase, Residency] = {
+    Phase.GENERATE: {Role.ROLLOUT: frozenset({_W, _KV})},
+    Phase.SCORE_ACTOR: {Role.ACTOR: frozenset({_W})},
+    Phase.SCORE_REFERENCE: {Role.REFERENCE: frozenset({_W})},
+    Phase.SCORE_CRITIC: {Role.CRITIC: frozenset({_W})},
+    Phase.SCORE_REWARD: {Role.REWARD: frozenset({_W})},
+    Phase.ADVANTAGE: {},
+    Phase.TRAIN_CRITIC: {Role.CRITIC: frozenset({_W, _T})},
+    Phase.TRAIN_ACTOR: {Role.ACTOR: frozenset({_W, _T})},
+    # Weights only: the KV cache wakes at GENERATE, after the copy, so the two never coexist.
+    Phase.SYNC: {Role.ACTOR: frozenset({_W}), Role.ROLLOUT: frozenset({_W})},
+}
+
+
+def resident(plan: Mapping[Phase, Residency], phase: Phase, role: Role) -> frozenset[State]:
+    """States of `role` that must be on the device during `phase` (empty: fully offloaded)."""
+    return plan[phase].get(role, frozenset())
+
+
+def resident_everything() -> dict[Phase, Residency]:
+    """The no-offload plan: every role keeps every state in every phase."""
+    return {phase: dict(ROLE_STATES) for phase in Phase}
+
+
+def validate_plan(plan: Mapping[Phase, Residency]) -> None:
+    """Refuse a plan that skips a phase or asks a role for a state it does not have."""
+    missing = [p.value for p in Phase if p not in plan]
+    if missing:
+        raise ValueError(f"memory plan has no entry for phase(s): {', '.join(missing)}")
+    for phase, residency in plan.items():
+        for role, states in residency.items():
+            extra = set(states) - ROLE_STATES[role]
+            if extra:
+                names = ", ".join(sorted(s.value for s in extra))
+                raise ValueError(f"memory plan, phase {phase.value}: role {role.value} has no state(s) {names}")
+
+
+def describe(plan: Mapping[Phase, Residency], roles: list[Role]) -> str:
+    """The plan as a text table: one row per phase, one column per role."""
+    width = max(len(r.value) for r in roles) + 12
+    header = f"{'phase':<16}" + "".join(f"{r.value:<{width}}" for r in roles)
+    rows = [header]
+    for phase in Phase:
+        cells = []
+        for role in roles:
+            states = sorted(s.value for s in resident(plan, phase, role))
+            cells.append(f"{'+'.join(states) or '-':<{width}}")
+        rows.append(f"{phase.value:<16}" + "".join(cells))
+    return "\n".join(rows)

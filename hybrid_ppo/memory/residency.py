@@ -1,0 +1,145 @@
+"""Residency adapters: how each kind of role moves its states off the device and back.
+
+The scheduler only says *which* states to move; an adapter knows *how*:
+
+* `DeepSpeedResidency`: `engine.offload_states(include=...)` / `engine.reload_states()`.
+* `ModuleResidency`: a frozen torch module (reference, reward model) copies its tensors to host
+  memory and leaves empty tensors behind, so a forward on an offloaded module fails loudly
+  instead of silently running on stale or host memory. The same holds on CPU, which is why CPU
+  runs catch a wrong plan too.
+* `EngineResidency`: a rollout engine's `sleep(level)` / `wake_up(tags)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from hybrid_ppo.memory.plan import State
+
+
+class Residency(Protocol):
+    """What the scheduler needs from a role: the resident set and the two moves."""
+
+    resident: set[State]
+
+    def offload(self, states: frozenset[State]) -> None: ...
+
+    def reload(self, states: frozenset[State]) -> None: ...
+
+
+class _Tracked:
+    """Keeps `resident` honest: a move of a state that is not where it should be is a bug."""
+
+    def __init__(self, states: frozenset[State]):
+        self.managed = frozenset(states)
+        self.resident: set[State] = set(states)
+
+    def _check(self, states: frozenset[State], *, want_resident: bool) -> frozenset[State]:
+        unknown = states - self.managed
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no state(s) {sorted(s.value for s in unknown)}")
+        wrong = {s for s in states if (s in self.resident) != want_resident}
+        if wrong:
+            where = "already offloaded" if want_resident else "already resident"
+            raise RuntimeError(f"{type(self).__name__}: state(s) {sorted(s.value for s in wrong)} {where}")
+        return states
+
+
+def _ds_state_types(states: frozenset[State]) -> list:
+    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as DS
+
+    mapping = {
+        State.WEIGHTS: [DS.lp_params],
+        State.TRAIN_STATE: [DS.optim_states, DS.hp_params, DS.lp_grads, DS.contiguous_grad_buffer],
+    }
+    return [t for s in states for t in mapping[s]]
+
+
+class DeepSpeedResidency(_Tracked):
+    """Actor / critic: a DeepSpeed ZeRO engine's weights and training state."""
+
+    def __init__(self, engine):
+        super().__init__(frozenset({State.WEIGHTS, State.TRAIN_STATE}))
+        self.engine = engine
+
+    def offload(self, states: frozenset[State]) -> None:
+        if not self._check(states, want_resident=True):
+            return
+        self.engine.offload_states(include=_ds_state_types(states))
+        self.resident -= states
+
+    def reload(self, states: frozenset[State]) -> None:
+        if not self._check(states, want_resident=False):
+            return
+        # DeepSpeed's reload_states() brings back everything it offloaded; hide the states we
+        # want to stay on the host so that, e.g., SCORE reloads weights without the optimizer.
+        offloaded = self.engine.optimizer.offloaded_states
+        stay = {t for t in offloaded if t not in _ds_state_types(states)}
+        offloaded.difference_update(stay)
+        try:
+            self.engine.reload_states()
+        finally:
+            offloaded.update(stay)
+        self.resident |= states
+
+
+class ModuleResidency(_Tracked):
+    """A frozen module's parameters and buffers, copied to host memory and back."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__(frozenset({State.WEIGHTS}))
+        self.module, self.device = module, device
+        self._host: dict[str, torch.Tensor] = {}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+
+    def offload(self, states: frozenset[State]) -> None:
+        if not self._check(states, want_resident=True):
+            return
+        pin = self.device.type == "cuda"
+        for name, tensor in self._tensors().items():
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+            host.copy_(tensor.data)
+            self._host[name] = host
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)
+        self.resident -= states
+
+    def reload(self, states: frozenset[State]) -> None:
+        if not self._check(states, want_resident=False):
+            return
+        for name, tensor in self._tensors().items():
+            tensor.data = self._host.pop(name).to(self.device, non_blocking=True)
+        self.resident |= states
+
+
+class SleepableEngine(Protocol):
+    def sleep(self, level: int) -> None: ...
+
+    def wake_up(self, tags: list[str]) -> None: ...
+
+
+class EngineResidency(_Tracked):
+    """A rollout engine: sleep(level) drops both states, wake_up(tags) brings back the named ones."""
+
+    def __init__(self, engine: SleepableEngine, sleep_level: int):
+        super().__init__(frozenset({State.WEIGHTS, State.KV_CACHE}))
+        self.engine, self.sleep_level = engine, sleep_level
+
+    def offload(self, states: frozenset[State]) -> None:
+        if not self._check(states, want_resident=True):
+            return
+        if states != self.resident:
+            # vLLM sleeps all or nothing; a plan that keeps the weights but drops the cache
+            # (or the reverse) cannot be carried out, so say so rather than over-offload.
+            raise ValueError(f"a rollout engine cannot offload {sorted(s.value for s in states)} alone")
+        self.engine.sleep(self.sleep_level)
+        self.resident.clear()
+
+    def reload(self, states: frozenset[State]) -> None:
+        if not self._check(states, want_resident=False):
+            return
+        self.engine.wake_up(sorted(s.value for s in states))
+        self.resident |= states
