@@ -1,0 +1,73 @@
+"""The actor: the policy as a DeepSpeed engine. Old log-probs in SCORE, the clipped PPO update in
+TRAIN_ACTOR, and the weights that SYNC sends to the rollout engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hybrid_ppo.algo.experience import Experience, Sequences
+from hybrid_ppo.algo.ppo import KLEstimator, kl_loss, masked_mean, policy_loss
+from hybrid_ppo.config import Config, KLPlacement
+from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
+from hybrid_ppo.roles.deepspeed_engine import gathered_parameters
+from hybrid_ppo.roles.models import load_causal_lm
+from hybrid_ppo.roles.trained import TrainedRole
+from hybrid_ppo.rollout.weight_sync import WeightBucket, pack_buckets
+
+
+class Actor(TrainedRole):
+    name = "actor"
+
+    def __init__(self, cfg: Config, dist, model_path: str):
+        self.model_path = model_path
+        super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
+
+    @torch.no_grad()
+    def logprobs(self, seq: Sequences) -> Tensor:
+        """[B, R] log pi_old of the sampled responses (SCORE_ACTOR)."""
+        self.engine.eval()
+        out = [response_logprobs(self.engine, to_device(c, self.device), self.cfg.rollout.temperature).cpu()
+               for c in seq.chunks(self.cfg.train.micro_batch_size)]
+        return torch.cat(out)
+
+    def loss(self, micro: Experience) -> tuple[Tensor, dict[str, Tensor]]:
+        algo = self.cfg.algo
+        seq = to_device(micro.sequences, self.device)
+        mask = seq.action_mask.float()
+        logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True)
+        ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
+                          mask, algo.clip_eps)
+        entropy_mean = masked_mean(entropy, mask)
+        loss = ppo.loss - algo.entropy_coef * entropy_mean
+        parts = {"loss/policy": ppo.loss.detach(), "actor/clip_frac": ppo.clip_frac,
+                 "actor/approx_kl": ppo.approx_kl, "actor/entropy": entropy_mean.detach()}
+        if algo.kl_in == KLPlacement.LOSS:
+            kl = kl_loss(logprobs, micro.ref_logprobs.to(self.device), mask, KLEstimator(algo.kl_estimator))
+            loss = loss + algo.kl_coef * kl
+            parts["loss/kl"] = kl.detach()
+        return loss, parts
+
+    def early_stop(self, epoch_stats: dict[str, list[float]]) -> bool:
+        target = self.cfg.algo.target_kl
+        if target is None:
+            return False
+        kls = epoch_stats["actor/approx_kl"]
+        return self.mean_across_ranks(sum(kls) / len(kls)) > target
+
+    def export_weights(self) -> list[WeightBucket] | None:
+        """HF-named weights in flat buckets (SYNC). Collective under ZeRO-3; rank 0 returns them."""
+        with gathered_parameters(self.engine):
+            if self.rank != 0:
+                return None
+            named = [(name, p.detach()) for name, p in self.engine.module.named_parameters()]
+            return pack_buckets(named, self.cfg.rollout.weight_sync_bucket_mb << 20)
+
+    def save(self, path: str) -> None:
+        """Final HF-format checkpoint (weights + config); collective under ZeRO-3, rank 0 writes."""
+        with gathered_parameters(self.engine):
+            if self.rank == 0:
+                state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+                self.engine.module.save_pretrained(Path(path), state_dict=state)

@@ -1,0 +1,87 @@
+"""What every role process shares: its torch.distributed group, its device, residency calls, models.
+
+Each multi-rank role (actor, critic, reference, ...) forms its *own* process group (gloo on CPU,
+nccl on GPU) at its own port: roles never share a collective, so one role's ranks can run while
+another's are offloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hybrid_ppo.algo.experience import Sequences, position_ids
+from hybrid_ppo.config import Config, DType
+from hybrid_ppo.memory.plan import State
+from hybrid_ppo.memory.profiler import release_cached_memory, snapshot
+from hybrid_ppo.memory.residency import Residency
+
+
+def role_device() -> torch.device:
+    """Ray gives each rank exactly one visible GPU, so it is always cuda:0 when there is one."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torch_dtype(dtype: DType) -> torch.dtype:
+    return torch.bfloat16 if dtype == DType.BF16 else torch.float32
+
+
+def init_distributed(dist: Any) -> None:
+    """Join this role's process group (`dist` is an executor.DistInfo). A no-op when one exists,
+    as in the local executor, where every role shares the process's world of size 1."""
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port), RANK=str(dist.rank),
+                      WORLD_SIZE=str(dist.world_size), LOCAL_RANK="0", LOCAL_SIZE="1")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+class ResidentRole:
+    """The scheduler's handle on a role: move named states and report memory around the move."""
+
+    residency: Residency
+
+    def offload_states(self, states: list[str]) -> dict[str, Any]:
+        return self._move(self.residency.offload, states)
+
+    def reload_states(self, states: list[str]) -> dict[str, Any]:
+        return self._move(self.residency.reload, states)
+
+    def resident_states(self) -> list[str]:
+        return sorted(s.value for s in self.residency.resident)
+
+    def _move(self, move, states: list[str]) -> dict[str, Any]:
+        before = snapshot()
+        start = time.perf_counter()
+        move(frozenset(State(s) for s in states))
+        release_cached_memory()
+        return {"seconds": time.perf_counter() - start, "before": before.as_dict(), "after": snapshot().as_dict()}
+
+
+def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
+    """[B, R, V] logits of the distributions that produced each response token (a view, no copy)."""
+    out = model(input_ids=seq.tokens, attention_mask=seq.attention_mask, position_ids=position_ids(seq.attention_mask))
+    return out.logits[:, seq.prompt_len - 1:-1]  # position P-1+t predicts response token t
+
+
+def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False):
+    """log pi(a_t | s_t) at the rollout temperature for every response token, through the one
+    door to the kernels (which scale by the temperature without a [B, R, V] copy)."""
+    from hybrid_ppo import ops
+
+    return ops.logprobs(response_logits(model, seq), seq.responses, temperature=temperature, with_entropy=with_entropy)
+
+
+def to_device(seq: Sequences, device: torch.device) -> Sequences:
+    return Sequences(seq.tokens.to(device), seq.attention_mask.to(device), seq.action_mask.to(device))
+

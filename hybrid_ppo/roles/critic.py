@@ -1,0 +1,34 @@
+"""The critic: a value-head model as a DeepSpeed engine. Values in SCORE, the clipped value
+regression in TRAIN_CRITIC."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybrid_ppo.algo.experience import Experience, Sequences
+from hybrid_ppo.algo.ppo import value_loss
+from hybrid_ppo.config import Config
+from hybrid_ppo.roles.common import to_device, torch_dtype
+from hybrid_ppo.roles.models import ValueModel
+from hybrid_ppo.roles.trained import TrainedRole
+
+
+class Critic(TrainedRole):
+    name = "critic"
+
+    def __init__(self, cfg: Config, dist, model_path: str):
+        super().__init__(cfg, dist, cfg.train.critic_lr, lambda: ValueModel(model_path, torch_dtype(cfg.model.dtype)))
+
+    @torch.no_grad()
+    def values(self, seq: Sequences) -> Tensor:
+        """[B, R] V_old(s_t) (SCORE_CRITIC)."""
+        self.engine.eval()
+        return torch.cat([self.engine(to_device(c, self.device)).cpu()
+                          for c in seq.chunks(self.cfg.train.micro_batch_size)])
+
+    def loss(self, micro: Experience) -> tuple[Tensor, dict[str, Tensor]]:
+        seq = to_device(micro.sequences, self.device)
+        out = value_loss(self.engine(seq), micro.values.to(self.device), micro.returns.to(self.device),
+                         seq.action_mask.float(), self.cfg.algo.value_clip_eps)
+        return self.cfg.algo.vf_coef * out.loss, {"loss/value": out.loss.detach(), "critic/clip_frac": out.clip_frac}

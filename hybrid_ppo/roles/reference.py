@@ -1,0 +1,27 @@
+"""The reference policy: frozen, computes log pi_ref for the KL term (SCORE_REFERENCE)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hybrid_ppo.algo.experience import Sequences
+from hybrid_ppo.config import Config
+from hybrid_ppo.memory.residency import ModuleResidency
+from hybrid_ppo.roles.common import ResidentRole, init_distributed, response_logprobs, role_device, to_device, torch_dtype
+from hybrid_ppo.roles.models import load_causal_lm
+
+
+class Reference(ResidentRole):
+    def __init__(self, cfg: Config, dist, model_path: str):
+        init_distributed(dist)  # no collectives today; the group is there for sharded inference
+        self.cfg, self.device = cfg, role_device()
+        self.model = load_causal_lm(model_path, torch_dtype(cfg.model.dtype)).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.residency = ModuleResidency(self.model, self.device)
+
+    @torch.no_grad()
+    def logprobs(self, seq: Sequences) -> Tensor:
+        """[B, R] log pi_ref of the sampled responses, at the rollout temperature like pi_old."""
+        return torch.cat([response_logprobs(self.model, to_device(c, self.device), self.cfg.rollout.temperature).cpu()
+                          for c in seq.chunks(self.cfg.train.micro_batch_size)])

@@ -1,0 +1,79 @@
+"""The protocol every rollout engine follows, with vLLM's semantics.
+
+* `sleep(level)`: level 1 moves the weights to host memory and frees the KV cache; level 2
+  discards the weights too (the next SYNC overwrites them anyway, so copying them out is waste).
+* `wake_up(tags)`: tags are `"weights"` and `"kv_cache"`. Waking `weights` alone after level 2
+  gives allocated but undefined weights: `load_weights` must fill them before `generate`.
+* `load_weights(named tensors)`: HF parameter names, full (unsharded) tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+from torch import Tensor
+
+WAKE_TAGS = ("weights", "kv_cache")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    response_ids: Tensor  # [B, R] int64, R = max_new_tokens, right-padded with the pad id
+    response_mask: Tensor  # [B, R] 1 on generated tokens up to and including the first EOS
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generation: ...
+
+    def sleep(self, level: int) -> None: ...
+
+    def wake_up(self, tags: list[str]) -> None: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """[B, P] ids and attention mask, prompts right-aligned so every response starts at column P."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def response_mask(response_ids: Tensor, eos_id: int) -> Tensor:
+    """[B, R] 1 up to and including each row's first EOS; all ones for a row that never ends."""
+    is_eos = (response_ids == eos_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before position t
+    return (eos_before == 0).long()
+
+
+def pad_responses(rows: Tensor, width: int, pad_id: int) -> Tensor:
+    """Right-pad generated ids [B, r] to the fixed width R so every engine's output stacks."""
+    if rows.shape[1] >= width:
+        return rows[:, :width]
+    pad = torch.full((rows.shape[0], width - rows.shape[1]), pad_id, dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, pad], dim=1)
+
+
+def check_wake_tags(tags: Iterable[str]) -> list[str]:
+    tags = list(tags)
+    unknown = [t for t in tags if t not in WAKE_TAGS]
+    if unknown:
+        raise ValueError(f"unknown wake_up tag(s) {unknown}; allowed: {', '.join(WAKE_TAGS)}")
+    return tags

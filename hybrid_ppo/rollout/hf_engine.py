@@ -1,0 +1,87 @@
+"""The transformers rollout engine: `generate()` behind the vLLM-shaped engine protocol.
+
+It is the engine on CPU and the fallback where vLLM is not installed. The model is built from its
+config alone; its weights arrive from the actor through `load_weights`, exactly as vLLM's will,
+never by sharing a module object. transformers allocates its KV cache per `generate` call, so
+the `kv_cache` tag has nothing to free or allocate here; it is tracked so the same phase plan
+drives both engines.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from hybrid_ppo.rollout.engine import Generation, SamplingParams, check_wake_tags, left_pad, pad_responses, response_mask
+
+
+class HFEngine:
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.device, self.eos_id, self.pad_id = device, config.eos_token_id, config.pad_token_id
+        if self.eos_id is None or self.pad_id is None:
+            raise ValueError(f"model at {model_path!r} needs eos_token_id and pad_token_id in its config")
+        self.awake = {"weights", "kv_cache"}
+        self._host: dict[str, Tensor] = {}  # level-1 sleep keeps weights here
+        self._shapes = {name: p.shape for name, p in self._params().items()}
+        self._loaded: set[str] = set()  # random init is not a policy: generate() waits for a sync
+
+    def _params(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generation:
+        if self.awake != {"weights", "kv_cache"}:
+            raise RuntimeError(f"HF engine asked to generate while asleep (awake: {sorted(self.awake)})")
+        missing = set(self._params()) - self._loaded
+        if missing:
+            raise RuntimeError(f"HF engine has no weights loaded for {len(missing)} parameter(s), "
+                               f"e.g. {sorted(missing)[0]!r}: sync from the actor first")
+        ids, attention = left_pad(prompt_token_ids, self.pad_id)
+        width = ids.shape[1]
+        knobs = {"do_sample": False} if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
+                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id,
+                                  pad_token_id=self.pad_id, **knobs)
+        responses = pad_responses(out[:, width:].cpu(), sampling.max_new_tokens, self.pad_id)
+        return Generation(responses, response_mask(responses, self.eos_id))
+
+    def sleep(self, level: int) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        for name, param in self._params().items():
+            if level == 1 and "weights" in self.awake:
+                self._host[name] = param.data.to("cpu", copy=True)
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+        if level == 2:
+            self._loaded.clear()
+        self.awake.clear()
+
+    def wake_up(self, tags: list[str]) -> None:
+        for tag in check_wake_tags(tags):
+            if tag == "weights" and "weights" not in self.awake:
+                for name, param in self._params().items():
+                    host = self._host.pop(name, None)
+                    param.data = host.to(self.device) if host is not None else torch.empty(
+                        self._shapes[name], dtype=param.dtype, device=self.device)
+            self.awake.add(tag)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        if "weights" not in self.awake:
+            raise RuntimeError("HF engine: wake_up(['weights']) before load_weights")
+        params = self._params()
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"HF engine has no parameter {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"weight {name!r}: engine shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
+            params[name].copy_(tensor)
+            self._loaded.add(name)
