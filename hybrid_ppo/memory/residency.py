@@ -131,12 +131,16 @@ class EngineResidency(_Tracked):
     def offload(self, states: frozenset[State]) -> None:
         if not self._check(states, want_resident=True):
             return
-        if states != self.resident:
-            # vLLM sleeps all or nothing; a plan that keeps the weights but drops the cache
-            # (or the reverse) cannot be carried out, so say so rather than over-offload.
-            raise ValueError(f"a rollout engine cannot offload {sorted(s.value for s in states)} alone")
-        self.engine.sleep(self.sleep_level)
-        self.resident.clear()
+        if states == {State.WEIGHTS} and State.KV_CACHE in self.resident:
+            raise ValueError("a rollout engine cannot drop its weights and keep its KV cache")
+        if states == self.resident:
+            self.engine.sleep(self.sleep_level)
+        else:
+            # Dropping only the KV cache: vLLM sleeps all or nothing, so sleep at level 1
+            # (weights to host) and wake the weights again. Costs one host round trip.
+            self.engine.sleep(1)
+            self.engine.wake_up([State.WEIGHTS.value])
+        self.resident -= states
 
     def reload(self, states: frozenset[State]) -> None:
         if not self._check(states, want_resident=False):
