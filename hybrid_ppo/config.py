@@ -160,7 +160,7 @@ class RolloutConfig(_Section):
 @dataclass
 class TrainConfig(_Section):
     name: ClassVar[str] = "train"
-    iterations: int = 40
+    iterations: int = 20
     """PPO iterations (generate -> score -> advantages -> train critic -> train actor -> sync)."""
     rollout_batch_size: int = 64
     """Prompts per iteration, over all engines."""

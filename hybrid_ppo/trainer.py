@@ -1,0 +1,190 @@
+"""The PPO loop. One iteration reads like the algorithm:
+
+    generate -> score (old log-probs, ref log-probs, values, rewards) -> advantages
+             -> train critic -> train actor -> sync weights to the engines
+
+Every phase runs inside `self.phase(...)`, which lets the memory scheduler make the plan's moves
+and times the phase. Ray, offloading and timing stay behind that one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from hybrid_ppo.algo.advantages import compute_advantages, token_rewards
+from hybrid_ppo.algo.experience import Experience, Sequences
+from hybrid_ppo.algo.ppo import kl_penalty, masked_mean
+from hybrid_ppo.config import Config, KLPlacement
+from hybrid_ppo.memory.plan import Phase
+from hybrid_ppo.memory.scheduler import MemoryScheduler
+from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
+from hybrid_ppo.roles.reward import RuleReward
+from hybrid_ppo.rollout.engine import SamplingParams, left_pad
+from hybrid_ppo.tasks.base import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoleGroups:
+    """The executor's handles on every role (reward is None with a rule reward)."""
+
+    actor: object
+    critic: object
+    reference: object
+    rollout: object
+    reward: object | None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    sequences: Sequences
+    examples: list[Example]
+    responses: list[str]  # decoded, special tokens removed
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Config, roles: RoleGroups, scheduler: MemoryScheduler, tokenizer,
+                 encode: Callable[[list[str]], list[list[int]]], metrics: MetricsWriter, rule_reward: RuleReward | None):
+        self.cfg, self.roles, self.scheduler, self.tokenizer = cfg, roles, scheduler, tokenizer
+        self.encode, self.metrics, self.rule_reward = encode, metrics, rule_reward
+        self.iteration = 0
+        self._phase_metrics: dict[str, float] = {}
+
+    # -- one PPO iteration ------------------------------------------------------------------
+    def step(self, examples: list[Example]) -> dict[str, float]:
+        self._phase_metrics = {}
+        with self.phase(Phase.GENERATE):
+            rollout = self.generate(examples, self.sampling())
+        scores = self.score(rollout)
+        with self.phase(Phase.ADVANTAGE):
+            experience = self.make_experience(rollout, **scores)
+        with self.phase(Phase.TRAIN_CRITIC):
+            critic_stats = self.train(self.roles.critic, experience)
+        with self.phase(Phase.TRAIN_ACTOR):
+            actor_stats = self.train(self.roles.actor, experience)
+        with self.phase(Phase.SYNC):
+            self.sync_weights()
+        self.iteration += 1
+        return {**self.rollout_stats(rollout, experience), **critic_stats, **actor_stats, **self._phase_metrics}
+
+    def generate(self, examples: list[Example], sampling: SamplingParams) -> Rollout:
+        prompts = self.encode([e.prompt for e in examples])
+        shards = _split_list(prompts, self.roles.rollout.world_size)
+        start = time.perf_counter()
+        outputs = self.roles.rollout.call_each("generate", [(shard, sampling) for shard in shards])
+        response_ids = torch.cat([o.response_ids for o in outputs])
+        response_mask = torch.cat([o.response_mask for o in outputs])
+        self._phase_metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
+        sequences = _assemble(prompts, response_ids, response_mask, self.tokenizer.pad_token_id)
+        return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask))
+
+    def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """Text before EOS. Other special tokens stay visible, so a reward never sees a stray
+        `<pad>` silently erased into a clean-looking answer."""
+        lengths = response_mask.sum(-1).tolist()
+        rows = [ids[:n].tolist() for ids, n in zip(response_ids, lengths)]
+        rows = [r[:-1] if r and r[-1] == self.tokenizer.eos_token_id else r for r in rows]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=False)
+
+    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """One model at a time, each on its own shards: old log-probs, ref log-probs, values, rewards."""
+        seq = rollout.sequences
+        with self.phase(Phase.SCORE_ACTOR):
+            old_logprobs = self._sharded(self.roles.actor, "logprobs", seq)
+        with self.phase(Phase.SCORE_REFERENCE):
+            ref_logprobs = self._sharded(self.roles.reference, "logprobs", seq)
+        with self.phase(Phase.SCORE_CRITIC):
+            values = self._sharded(self.roles.critic, "values", seq)
+        with self.phase(Phase.SCORE_REWARD):
+            rewards = self.sequence_rewards(rollout)
+        return {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": rewards}
+
+    def make_experience(self, rollout: Rollout, old_logprobs, ref_logprobs, values, scores) -> Experience:
+        algo, mask = self.cfg.algo, rollout.sequences.action_mask
+        kl = kl_penalty(old_logprobs, ref_logprobs, algo.kl_estimator)
+        rewards = token_rewards(scores, kl if algo.kl_in == KLPlacement.REWARD else None, mask, algo.kl_coef)
+        adv = compute_advantages(rewards, values, mask, algo.gamma, algo.lam, algo.whiten_advantages)
+        self._phase_metrics.update({"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
+                                    "kl/mean": float(masked_mean(kl, mask.float())),
+                                    "critic/value_mean": float(masked_mean(values, mask.float()))})
+        return Experience.build(rollout.sequences, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                values=values, rewards=rewards, advantages=adv.advantages, returns=adv.returns)
+
+    def train(self, group, experience: Experience) -> dict[str, float]:
+        shards = experience.shard(group.world_size)
+        return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards]))
+
+    def sync_weights(self) -> None:
+        """Actor -> engines. Every actor rank joins (ZeRO-3 gathers); rank 0 returns the buckets."""
+        buckets = self.roles.actor.call("export_weights")[0]
+        received = self.roles.rollout.call("load_weight_buckets", buckets)
+        self._phase_metrics["rollout/sync_mib"] = received[0] / 2**20
+
+    # -- scoring helpers ----------------------------------------------------------------------
+    def sequence_rewards(self, rollout: Rollout) -> torch.Tensor:
+        if self.roles.reward is not None:
+            return self._sharded(self.roles.reward, "score", rollout.sequences)
+        labels = [e.label for e in rollout.examples]
+        return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels)
+
+    def _sharded(self, group, method: str, seq: Sequences) -> torch.Tensor:
+        return torch.cat(group.call_each(method, [(shard,) for shard in seq.shard(group.world_size)]))
+
+    # -- outside the iteration ----------------------------------------------------------------
+    def evaluate(self, examples: list[Example]) -> dict[str, float]:
+        """Greedy responses to held-out prompts, scored by the rule reward (accuracy for 0/1 rewards)."""
+        with self.phase(Phase.GENERATE, record=False):
+            rollout = self.generate(examples, SamplingParams(self.cfg.rollout.max_new_tokens, temperature=0.0))
+        scores = self.rule_reward([e.prompt for e in examples], rollout.responses, [e.label for e in examples])
+        return {"eval/reward_mean": float(scores.mean())}
+
+    def initial_sync(self) -> None:
+        """Engines start without weights: the first SYNC gives them the actor's."""
+        with self.phase(Phase.SYNC, record=False):
+            self.sync_weights()
+
+    def sampling(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+
+    def rollout_stats(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
+        mask = rollout.sequences.action_mask
+        ends_in_eos = mask.sum(-1) < mask.shape[1]
+        return {"rollout/response_tokens": float(mask.sum(-1).float().mean()),
+                "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
+                "critic/return_mean": float(masked_mean(experience.returns, mask.float()))}
+
+    @contextmanager
+    def phase(self, phase: Phase, record: bool = True) -> Iterator[None]:
+        start = time.perf_counter()
+        moves = self.scheduler.enter(phase)
+        self.metrics.log_moves(self.iteration, moves)
+        yield
+        if record:
+            self._phase_metrics[f"time/{phase.value}"] = time.perf_counter() - start
+            self._phase_metrics[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
+            for field, gib in peak_memory(moves).items():
+                self._phase_metrics[f"memory/{phase.value}/{field}"] = gib
+
+
+def _split_list(items: list, parts: int) -> list[list]:
+    """`parts` consecutive pieces whose sizes differ by at most one; nothing is dropped."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def _assemble(prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
+              pad_id: int) -> Sequences:
+    """Left-pad prompts to a common P and append the responses: [B, P+R]."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    tokens = torch.cat([prompt_ids, response_ids], dim=1)
+    attention = torch.cat([prompt_mask, response_mask], dim=1)
+    return Sequences(tokens, attention, response_mask)
