@@ -1,0 +1,142 @@
+"""The HF rollout engine behind the vLLM-shaped protocol, bucketed weight sync, and rule rewards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hybrid_ppo.memory.plan import State
+from hybrid_ppo.memory.residency import EngineResidency
+from hybrid_ppo.roles.reward import RewardError, RuleReward, load_reward_fn
+from hybrid_ppo.rollout.engine import SamplingParams, left_pad, response_mask
+from hybrid_ppo.rollout.hf_engine import HFEngine
+from hybrid_ppo.rollout.weight_sync import pack_buckets
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory):
+    from hybrid_ppo.tasks.tiny_model import build_tiny_llama
+    from hybrid_ppo.tasks.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(tokenizer, seed=0)
+    model.save_pretrained(path)
+    return model, tokenizer, str(path)
+
+
+def _weights(model):
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 0, 0]])
+    assert response_mask(ids, eos_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_left_pad_right_aligns_prompts():
+    ids, mask = left_pad([[7, 8, 9], [4]], pad_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_buckets_round_trip_and_respect_the_size():
+    named = [(f"w{i}", torch.randn(10, 10)) for i in range(5)] + [("h", torch.randn(3).to(torch.bfloat16))]
+    buckets = pack_buckets(named, bucket_bytes=2 * 400)  # two fp32 10x10 tensors per bucket
+    assert [len(b.names) for b in buckets if b.flat.dtype == torch.float32] == [2, 2, 1]
+    unpacked = dict(item for b in buckets for item in b.unpack())
+    for name, tensor in named:
+        assert torch.equal(unpacked[name], tensor)
+
+
+def test_engine_needs_weights_from_the_actor(model_and_tokenizer):
+    model, tokenizer, path = model_and_tokenizer
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    prompts = [tokenizer("max 1 2 3 4 =")["input_ids"], tokenizer("max 9 1 =")["input_ids"]]
+    greedy = SamplingParams(max_new_tokens=3, temperature=0.0)
+    with pytest.raises(RuntimeError, match="sync from the actor"):
+        engine.generate(prompts, greedy)
+    engine.load_weights(_weights(model))
+    out = engine.generate(prompts, greedy)
+    assert out.response_ids.shape == (2, 3) and out.response_mask.shape == (2, 3)
+    # the engine's greedy tokens are the source model's greedy tokens
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+    kept = out.response_mask.bool()
+    assert torch.equal(out.response_ids[kept], expected[:, :out.response_ids.shape[1]][kept])
+
+
+def test_sleep_levels(model_and_tokenizer):
+    model, tokenizer, path = model_and_tokenizer
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    engine.load_weights(_weights(model))
+    prompts = [tokenizer("max 3 1 4 1 =")["input_ids"]]
+    greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
+    before = engine.generate(prompts, greedy).response_ids
+
+    engine.sleep(1)  # weights to the host
+    assert all(p.numel() == 0 for p in engine.model.parameters())
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompts, greedy)
+    engine.wake_up(["weights", "kv_cache"])
+    assert torch.equal(engine.generate(prompts, greedy).response_ids, before)
+
+    engine.sleep(2)  # weights discarded: waking them is not enough, a sync must refill them
+    engine.wake_up(["weights"])
+    engine.wake_up(["kv_cache"])
+    with pytest.raises(RuntimeError, match="no weights loaded"):
+        engine.generate(prompts, greedy)
+    engine.load_weights(_weights(model))
+    assert torch.equal(engine.generate(prompts, greedy).response_ids, before)
+    with pytest.raises(ValueError, match="unknown wake_up tag"):
+        engine.wake_up(["optimizer"])
+
+
+def test_engine_rejects_foreign_weights(model_and_tokenizer):
+    _, _, path = model_and_tokenizer
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    with pytest.raises(KeyError, match="no parameter"):
+        engine.load_weights([("not.a.weight", torch.zeros(1))])
+    name, tensor = next(iter(engine.model.named_parameters()))
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights([(name, torch.zeros(tensor.shape[0] + 1))])
+
+
+def test_engine_residency_drops_kv_alone_through_a_level1_sleep(model_and_tokenizer):
+    model, _, path = model_and_tokenizer
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    engine.load_weights(_weights(model))
+    residency = EngineResidency(engine, sleep_level=2)
+    residency.offload(frozenset({State.KV_CACHE}))
+    assert residency.resident == {State.WEIGHTS} and engine.awake == {"weights"}
+    assert all(p.numel() > 0 for p in engine.model.parameters())  # weights survived
+    with pytest.raises(RuntimeError, match="already offloaded"):
+        residency.offload(frozenset({State.KV_CACHE}))
+
+
+def test_rule_reward_checks_what_the_function_returns(monkeypatch):
+    import types, sys
+
+    module = types.ModuleType("fake_rewards")
+    module.raises = lambda p, r, l: 1 / 0
+    module.short = lambda p, r, l: [1.0] * (len(r) - 1)
+    module.nan = lambda p, r, l: [1.0, math.nan]
+    module.text = lambda p, r, l: [1.0, "1"]
+    module.good = lambda p, r, l: [float(len(x)) for x in r]
+    monkeypatch.setitem(sys.modules, "fake_rewards", module)
+    prompts, responses = ["a", "b"], ["x", "yy"]
+    assert RuleReward("fake_rewards:good")(prompts, responses, None).tolist() == [1.0, 2.0]
+    with pytest.raises(RewardError, match="raised ZeroDivisionError"):
+        RuleReward("fake_rewards:raises")(prompts, responses, None)
+    with pytest.raises(RewardError, match="returned 1 scores for 2 responses"):
+        RuleReward("fake_rewards:short")(prompts, responses, None)
+    with pytest.raises(RewardError, match="nan for sample 1 .*'yy'"):
+        RuleReward("fake_rewards:nan")(prompts, responses, None)
+    with pytest.raises(RewardError, match="'1' for sample 1"):
+        RuleReward("fake_rewards:text")(prompts, responses, None)
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        load_reward_fn("no_such_module:f")
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        load_reward_fn("fake_rewards:missing")
