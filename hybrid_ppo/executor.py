@@ -1,10 +1,9 @@
 """Run role classes as Ray actors in the one placement group, or in this process; same interface.
 
-Roles (`hybrid_ppo/roles/`) are plain classes built as `cls(cfg, dist, *extra_args)`. This is the
-one place where Ray wraps them (`ray.remote` at spawn time) and puts rank i on bundle i with the
-plan's GPU fraction. Each role gets its own `DistInfo` (its own port), so it can form its own
-torch.distributed group. Ray is imported inside functions only: importing this module starts
-nothing.
+Roles (`hybrid_ppo/roles/`) are plain classes built as `cls(cfg, dist, *extra_args)`. The Ray
+executor (`ray_executor.py`) is the one place where Ray wraps them; the local executor here builds
+them in this process. Each role gets its own `DistInfo` (its own port), so it can form its own
+torch.distributed group. Importing this module starts nothing and imports no Ray.
 
     executor = make_executor(cfg).start()
     actor = executor.spawn("actor", Actor)
@@ -18,36 +17,21 @@ the driver as `RoleError` naming the role, the rank and the method.
 
 from __future__ import annotations
 
-import math
-import os
 import re
 import socket
 import sys
-import tempfile
-import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from hybrid_ppo.config import Config, ExecutorKind
-from hybrid_ppo.placement import PlacementPlan, create_placement_group, make_plan, roles_for
+from hybrid_ppo.placement import roles_for
+
+if TYPE_CHECKING:
+    from hybrid_ppo.ray_executor import RayExecutor
 
 LOCALHOST = "127.0.0.1"
 """Rendezvous address of every role group: the trainer is single-node."""
-
-FORWARDED_ENV_NAMES = ("TMPDIR", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
-FORWARDED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "TRITON_", "VLLM_", "NCCL_",
-                          "GLOO_", "DS_", "HYBRID_PPO_")
-"""Driver variables that Ray actors inherit (cache dirs, offline mode, kernel switches).
-Never CUDA_VISIBLE_DEVICES: Ray sets that per actor from its bundle."""
-
-SPAWN_TIMEOUT_S = 1800.0
-"""How long `spawn` waits for a role's constructors (model loading) before calling it stuck."""
-
-MAX_UNIX_TEMP_DIR = 40
-"""Ray puts Unix sockets at <temp_dir>/session_<date>_<pid>/sockets/...; the path limit is ~107 chars."""
-
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -157,217 +141,6 @@ class _Ports:
         return port
 
 
-# --------------------------------------------------------------------------- Ray
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """One Ray actor to start: where, with what resources and which extra env."""
-
-    rank: int
-    world_size: int
-    bundle: int
-    gpu: float
-    cpu: float
-    bundles: tuple[int, ...]
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def rank_specs(plan: PlacementPlan, role: str) -> list[RankSpec]:
-    """The actors of a role. One per slot, except rollout: one per engine, on its first bundle.
-
-    A TP>1 engine's actor asks for no GPU itself; vLLM's Ray executor places the TP workers on
-    the engine's reserved slots, told where by VLLM_RAY_BUNDLE_INDICES / VLLM_RAY_PER_WORKER_GPUS.
-    """
-    if role not in plan.roles:
-        raise ValueError(f"role '{role}' has no slots in the placement plan; planned roles: {', '.join(plan.roles)}")
-    if role != "rollout":
-        slots = plan.for_role(role)
-        return [RankSpec(s.rank, len(slots), s.bundle, s.gpu, s.cpu, (s.bundle,)) for s in slots]
-    engines, specs = plan.engines(), []
-    for e, workers in enumerate(engines):
-        head, bundles = workers[0], tuple(w.bundle for w in workers)
-        if len(workers) == 1:
-            specs.append(RankSpec(e, len(engines), head.bundle, head.gpu, head.cpu, bundles))
-        else:
-            env = {"VLLM_RAY_PER_WORKER_GPUS": str(head.gpu), "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles))}
-            specs.append(RankSpec(e, len(engines), head.bundle, 0.0, head.cpu, bundles, env))
-    return specs
-
-
-def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The driver variables Ray actors get (see FORWARDED_ENV_*)."""
-    environ = dict(os.environ) if environ is None else environ
-    return {k: v for k, v in environ.items()
-            if k in FORWARDED_ENV_NAMES or k.startswith(FORWARDED_ENV_PREFIXES)}
-
-
-class RayRoleGroup(RoleGroup):
-    def __init__(self, name: str, handles: list):
-        self.name, self.world_size, self._handles = name, len(handles), handles
-
-    @property
-    def members(self) -> list:
-        return list(self._handles)
-
-    def submit_each(self, method: str, per_rank_args: Sequence[tuple], **kwargs: Any) -> Pending:
-        self._check_args(per_rank_args)
-        refs = [self._bound(rank, method).remote(*args, **kwargs) for rank, args in enumerate(per_rank_args)]
-        return Pending(lambda: self._gather(method, list(enumerate(refs))))
-
-    def submit_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Pending:
-        self._check_rank(rank)
-        ref = self._bound(rank, method).remote(*args, **kwargs)
-        return Pending(lambda: self._gather(method, [(rank, ref)]))
-
-    def wait_ready(self, timeout_s: float = SPAWN_TIMEOUT_S) -> None:
-        """Block until every rank's constructor returned; a failed one raises RoleError('__init__').
-
-        A rank that is still not built after `timeout_s` (e.g. pending: its bundle has no GPU
-        fraction left) raises TimeoutError naming the ranks.
-        """
-        refs = [h.__ray_ready__.remote() for h in self._handles]
-        self._gather("__init__", list(enumerate(refs)), timeout_s)
-
-    def _bound(self, rank: int, method: str) -> Any:
-        try:
-            return getattr(self._handles[rank], method)
-        except AttributeError:
-            raise AttributeError(f"role '{self.name}' has no method '{method}'") from None
-
-    def _gather(self, method: str, ranked_refs: list[tuple[int, Any]], timeout_s: float | None = None) -> list:
-        """Results in the given order; the FIRST rank to fail raises (others may hang on it)."""
-        import ray
-
-        rank_of = {ref: rank for rank, ref in ranked_refs}
-        results: dict[int, Any] = {}
-        pending = [ref for _, ref in ranked_refs]
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-            if not ready:
-                stuck = sorted(rank_of[ref] for ref in pending)
-                raise TimeoutError(f"role '{self.name}': {method}() of ranks {stuck} not done after {timeout_s:g} s")
-            for ref in ready:
-                try:
-                    results[rank_of[ref]] = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    raise RoleError(self.name, rank_of[ref], method, err) from err
-        return [results[rank] for rank, _ in ranked_refs]
-
-
-class RayExecutor:
-    """Every role rank is a Ray actor in ONE placement group (bundle i = GPU i)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.plan = make_plan(cfg)  # refuses an infeasible layout before Ray starts
-        self.placement_group: Any = None
-        self.owns_ray = False
-        self._groups: list[RayRoleGroup] = []
-        self._ports = _Ports()
-
-    def start(self) -> RayExecutor:
-        """Start (or join) Ray and reserve the placement group."""
-        import ray
-
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, log_to_driver=True)
-            else:
-                ray.init(**self._local_init_kwargs())
-                self.owns_ray = True
-        self.placement_group = create_placement_group(self.plan)
-        return self
-
-    def _local_init_kwargs(self) -> dict[str, Any]:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        cpus = max(os.cpu_count() or 1, math.ceil(self.plan.num_bundles * self.plan.bundle_cpu))
-        kwargs: dict[str, Any] = dict(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                                      _temp_dir=str(self._temp_dir()))
-        if _cuda_device_count() == 0:
-            kwargs["num_gpus"] = self.plan.num_bundles  # fake GPUs: the placement path stays the real one
-        return kwargs
-
-    def _temp_dir(self) -> Path:
-        """<cache_dir>/ray when short enough for Unix socket paths, else /tmp/hybrid_ppo_ray_<uid>."""
-        candidate = (self.cfg.logging.resolved_cache_dir / "ray").resolve()
-        if len(str(candidate)) > MAX_UNIX_TEMP_DIR:
-            candidate = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / f"hppo_ray_{os.getuid()}"
-        candidate.mkdir(parents=True, exist_ok=True)
-        return candidate
-
-    def spawn(self, role: str, cls: type, *extra_args: Any, wait: bool = True) -> RayRoleGroup:
-        """One actor per rank of `role` on its bundle, built as `cls(cfg, DistInfo, *extra_args)`.
-
-        With `wait` (default) block until every constructor returned, so a failing one raises
-        `RoleError(..., '__init__')` here. The ranks of a role are built concurrently (they meet
-        in init_process_group).
-        """
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        if self.placement_group is None:
-            raise RuntimeError("RayExecutor.spawn() before start()")
-        specs, port, env = rank_specs(self.plan, role), self._ports.take(), forwarded_env()
-        remote_cls = ray.remote(cls)
-        handles = []
-        for spec in specs:
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement_group,
-                                                        placement_group_bundle_index=spec.bundle)
-            actor_env = {**env, **spec.env}
-            dist = DistInfo(spec.rank, spec.world_size, LOCALHOST, port, spec.bundles)
-            handles.append(remote_cls.options(
-                num_gpus=spec.gpu, num_cpus=spec.cpu, scheduling_strategy=strategy,
-                runtime_env={"env_vars": actor_env} if actor_env else None,
-            ).remote(self.cfg, dist, *extra_args))
-        group = RayRoleGroup(role, handles)
-        self._groups.append(group)
-        if wait:
-            group.wait_ready()
-        return group
-
-    def shutdown(self) -> None:
-        """Kill the actors, release the placement group, and stop Ray if this executor started it."""
-        import ray
-
-        if not ray.is_initialized():
-            return
-        from ray.util.placement_group import remove_placement_group
-
-        for group in self._groups:
-            for handle in group.members:
-                ray.kill(handle)
-        self._groups.clear()
-        if self.placement_group is not None:
-            remove_placement_group(self.placement_group)
-            self.placement_group = None
-        if self.owns_ray:
-            ray.shutdown()
-            self.owns_ray = False
-
-    def __enter__(self) -> RayExecutor:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-
-def _cuda_device_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # no torch / broken driver: treat as a CPU box
-        return 0
-
-
-# --------------------------------------------------------------------------- in-process
-
-
 class LocalRoleGroup(RoleGroup):
     """A role's single in-process rank. Calls run eagerly at submit; errors surface at result()."""
 
@@ -449,4 +222,6 @@ def make_executor(cfg: Config) -> RayExecutor | LocalExecutor:
     """The executor that `placement.executor` names (not started)."""
     if cfg.placement.executor == ExecutorKind.LOCAL:
         return LocalExecutor(cfg)
+    from hybrid_ppo.ray_executor import RayExecutor
+
     return RayExecutor(cfg)
