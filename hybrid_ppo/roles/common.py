@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config, DType
 from hybrid_ppo.memory.plan import State
 from hybrid_ppo.memory.profiler import release_cached_memory, snapshot
-from hybrid_ppo.memory.residency import Residency
+from hybrid_ppo.memory.residency import ModuleResidency, Residency
 
 
 def role_device() -> torch.device:
@@ -66,6 +66,18 @@ class ResidentRole:
         move(frozenset(State(s) for s in states))
         release_cached_memory()
         return {"seconds": time.perf_counter() - start, "before": before.as_dict(), "after": snapshot().as_dict()}
+
+
+class FrozenRole(ResidentRole):
+    """A model that only runs forwards (reference, reward model): on its device, no grads,
+    moved to host and back as a whole by the scheduler."""
+
+    def __init__(self, cfg: Config, dist: Any, load: Callable[[], nn.Module]):
+        init_distributed(dist)  # no collectives today; the group is there for sharded inference
+        self.cfg, self.device = cfg, role_device()
+        self.model = load().to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.residency = ModuleResidency(self.model, self.device)
 
 
 def response_logits(model: nn.Module, seq: Sequences) -> Tensor:

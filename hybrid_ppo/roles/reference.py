@@ -7,18 +7,13 @@ from torch import Tensor
 
 from hybrid_ppo.algo.experience import Sequences
 from hybrid_ppo.config import Config
-from hybrid_ppo.memory.residency import ModuleResidency
-from hybrid_ppo.roles.common import ResidentRole, init_distributed, response_logprobs, role_device, to_device, torch_dtype
+from hybrid_ppo.roles.common import FrozenRole, response_logprobs, to_device, torch_dtype
 from hybrid_ppo.roles.models import load_causal_lm
 
 
-class Reference(ResidentRole):
+class Reference(FrozenRole):
     def __init__(self, cfg: Config, dist, model_path: str):
-        init_distributed(dist)  # no collectives today; the group is there for sharded inference
-        self.cfg, self.device = cfg, role_device()
-        self.model = load_causal_lm(model_path, torch_dtype(cfg.model.dtype)).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.residency = ModuleResidency(self.model, self.device)
+        super().__init__(cfg, dist, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
 
     @torch.no_grad()
     def logprobs(self, seq: Sequences) -> Tensor:

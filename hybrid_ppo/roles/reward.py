@@ -20,8 +20,7 @@ from torch import Tensor
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config
-from hybrid_ppo.memory.residency import ModuleResidency
-from hybrid_ppo.roles.common import ResidentRole, init_distributed, role_device, to_device, torch_dtype
+from hybrid_ppo.roles.common import FrozenRole, to_device, torch_dtype
 from hybrid_ppo.roles.models import load_sequence_classifier
 
 RewardFn = Callable[..., Sequence[float]]
@@ -64,15 +63,11 @@ class RuleReward:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-class RewardModel(ResidentRole):
+class RewardModel(FrozenRole):
     """A sequence classifier scored at each row's last real token (SCORE_REWARD)."""
 
     def __init__(self, cfg: Config, dist, model_path: str):
-        init_distributed(dist)
-        self.cfg, self.device = cfg, role_device()
-        self.model = load_sequence_classifier(model_path, torch_dtype(cfg.model.dtype)).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.residency = ModuleResidency(self.model, self.device)
+        super().__init__(cfg, dist, lambda: load_sequence_classifier(model_path, torch_dtype(cfg.model.dtype)))
 
     @torch.no_grad()
     def score(self, seq: Sequences) -> Tensor:
