@@ -299,6 +299,9 @@ class Config:
         if self.train.rollout_batch_size % self.num_engines:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
                               f"a multiple of the number of rollout engines ({self.num_engines})")
+        if self.model.reward_model is not None and self.data.eval_size % gpus:
+            raise ConfigError("data.eval_size", self.data.eval_size,
+                              f"a multiple of placement.num_gpus ({gpus}): reward-model ranks score equal shards")
         if self.data.eval_prompts is None and not self.data.prompts.startswith(BUILTIN_PREFIX):
             raise ConfigError("data.eval_prompts", None, "a JSONL path (required when data.prompts is a file)")
 

@@ -13,7 +13,9 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import yaml
@@ -24,9 +26,10 @@ from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter
 from hybrid_ppo.progress import iteration_progress
 from hybrid_ppo.roles.reward import RuleReward
-from hybrid_ppo.trainer import PPOTrainer, RoleGroups
+from hybrid_ppo.trainer import EVAL_METRIC, PPOTrainer, RoleGroups
 
 log = logging.getLogger("hybrid_ppo")
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
 
 
 @dataclass(frozen=True)
@@ -56,24 +59,41 @@ def setup_environment(cfg: Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def setup_logging(run_dir: Path) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+@contextmanager
+def log_handler(handler: logging.Handler) -> Iterator[None]:
+    """While inside, our log lines (package logger `hybrid_ppo`) also go to `handler`."""
+    handler.setFormatter(LOG_FORMAT)
+    package = logging.getLogger("hybrid_ppo")
+    package.setLevel(logging.INFO)
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        handler.close()
 
 
-def resolve_model(spec: str, cfg: Config) -> str:
+def resolve_model(key: str, spec: str, cfg: Config) -> str:
+    """A builtin name -> its (warmed-up, cached) directory; a path must be an existing directory."""
     if spec.startswith(BUILTIN_PREFIX):
         from hybrid_ppo.tasks import resolve_builtin_model
 
         return str(resolve_builtin_model(spec, cfg))
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"{key} = {spec!r} is not a directory (models load from local HF directories)")
     return spec
 
 
-def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[str, str]) -> RoleGroups:
+def resolve_models(cfg: Config) -> dict[str, str | None]:
+    m = cfg.model
+    actor = resolve_model("model.actor", m.actor, cfg)
+    return {"actor": actor,
+            "critic": resolve_model("model.critic", m.critic, cfg) if m.critic else actor,
+            "reference": resolve_model("model.reference", m.reference, cfg) if m.reference else actor,
+            "reward": resolve_model("model.reward_model", m.reward_model, cfg) if m.reward_model else None}
+
+
+def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[str, str | None]) -> RoleGroups:
     from hybrid_ppo.roles.actor import Actor
     from hybrid_ppo.roles.critic import Critic
     from hybrid_ppo.roles.reference import Reference
@@ -82,7 +102,7 @@ def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[s
 
     specs = [(Role.ROLLOUT, RolloutWorker, paths["actor"]), (Role.ACTOR, Actor, paths["actor"]),
              (Role.CRITIC, Critic, paths["critic"]), (Role.REFERENCE, Reference, paths["reference"])]
-    if cfg.model.reward_model is not None:
+    if paths["reward"] is not None:
         specs.append((Role.REWARD, RewardModel, paths["reward"]))
     groups = {}
     for role, cls, path in specs:
@@ -94,59 +114,87 @@ def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[s
                       rollout=groups[Role.ROLLOUT], reward=groups.get(Role.REWARD))
 
 
-def train(cfg: Config) -> RunResult:
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a run reads, loaded and checked before its run directory exists."""
+
+    paths: dict[str, str | None]
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    rule_reward: RuleReward | None
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    """Models, tokenizer, prompts (every one encoded once, so a too-long prompt fails now, not
+    mid-run) and the reward function. Bad input raises here and leaves nothing behind."""
     from transformers import AutoTokenizer
 
-    from hybrid_ppo.data import PromptBatches, encode_prompts, load_prompts
+    from hybrid_ppo.data import encode_prompts, load_prompts
+
+    paths = resolve_models(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
+    train_examples = load_prompts(cfg.data.prompts, "train", cfg)
+    eval_examples = load_prompts(cfg.data.eval_prompts or cfg.data.prompts, "eval", cfg)
+    for examples in (train_examples, eval_examples):
+        encode_prompts(tokenizer, [e.prompt for e in examples], cfg.data.max_prompt_tokens)
+    rule_reward = RuleReward(cfg.model.reward_fn) if cfg.model.reward_fn else None
+    return Inputs(paths, tokenizer, train_examples, eval_examples, rule_reward)
+
+
+def train(cfg: Config) -> RunResult:
+    """The whole run. Inputs are loaded and checked before the run directory is made."""
+    start = time.perf_counter()
+    with log_handler(logging.StreamHandler(sys.stdout)):
+        setup_environment(cfg)
+        inputs = load_inputs(cfg)
+        run_dir = make_run_dir(cfg)
+        with log_handler(logging.FileHandler(run_dir / "train.log")):
+            before, after = train_in(run_dir, cfg, inputs)
+    return RunResult(run_dir, before, after, time.perf_counter() - start)
+
+
+def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
+    """Start the executor, build the roles, run PPO and save the checkpoint into `run_dir`."""
+    from hybrid_ppo.data import PromptBatches, encode_prompts
     from hybrid_ppo.executor import make_executor
 
     start = time.perf_counter()
-    run_dir = make_run_dir(cfg)
-    setup_logging(run_dir)
-    setup_environment(cfg)
-    m = cfg.model
-    actor_path = resolve_model(m.actor, cfg)
-    paths = {"actor": actor_path, "critic": resolve_model(m.critic or actor_path, cfg),
-             "reference": resolve_model(m.reference or actor_path, cfg),
-             "reward": m.reward_model and resolve_model(m.reward_model, cfg)}
-    tokenizer = AutoTokenizer.from_pretrained(actor_path)
-    train_examples = load_prompts(cfg.data.prompts, "train", cfg)
-    eval_examples = load_prompts(cfg.data.eval_prompts or cfg.data.prompts, "eval", cfg)[:cfg.data.eval_size]
-    rule_reward = RuleReward(m.reward_fn) if m.reward_fn else None
+    tokenizer = inputs.tokenizer
 
     scheduler = MemoryScheduler(PHASE_PLAN if cfg.memory.offload else resident_everything())
     metrics = MetricsWriter(run_dir, cfg.logging.tensorboard)
-    executor = make_executor(cfg).start()
+    executor = make_executor(cfg)
     try:
-        roles = build_roles(executor, cfg, scheduler, paths)
+        executor.start()
+        roles = build_roles(executor, cfg, scheduler, inputs.paths)
         trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
                              lambda prompts: encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens),
-                             metrics, rule_reward)
-        result = run(cfg, trainer, PromptBatches(train_examples, cfg.train.rollout_batch_size, cfg.train.seed),
-                     eval_examples, metrics)
+                             metrics, inputs.rule_reward)
+        batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
+        result = run(cfg, trainer, batches, inputs.eval_examples, metrics)
         save_checkpoint(trainer, tokenizer, run_dir)
     finally:
         metrics.close()
         executor.shutdown()
-    seconds = time.perf_counter() - start
-    log.info("held-out accuracy (greedy, mean 0/1 reward): before PPO %.3f -> after PPO %.3f", *result)
-    log.info("run finished in %.1fs; outputs in %s", seconds, run_dir)
-    return RunResult(run_dir, result[0], result[1], seconds)
+    log.info("held-out %s (greedy): before PPO %.3f -> after PPO %.3f", EVAL_METRIC, *result)
+    log.info("run finished in %.1fs; outputs in %s", time.perf_counter() - start, run_dir)
+    return result
 
 
 def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: MetricsWriter) -> tuple[float, float]:
     trainer.initial_sync()
-    before = trainer.evaluate(eval_examples)["eval/reward_mean"]
-    log.info("held-out accuracy before PPO: %.3f", before)
-    metrics.log(0, {"eval/reward_mean": before})
+    before = trainer.evaluate(eval_examples)[EVAL_METRIC]
+    log.info("held-out %s (greedy) before PPO: %.3f", EVAL_METRIC, before)
+    metrics.log(0, {EVAL_METRIC: before})
     with iteration_progress(cfg.train.iterations) as advance:
         for it in range(cfg.train.iterations):
             examples = [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
             stats = trainer.step(examples)
             metrics.log(it + 1, stats)
             advance(stats)
-    after = trainer.evaluate(eval_examples)["eval/reward_mean"]
-    metrics.log(cfg.train.iterations, {"eval/reward_mean": after})
+    after = trainer.evaluate(eval_examples)[EVAL_METRIC]
+    metrics.log(cfg.train.iterations, {EVAL_METRIC: after})
     return before, after
 
 

@@ -30,6 +30,9 @@ from hybrid_ppo.tasks.base import Example
 
 log = logging.getLogger(__name__)
 
+EVAL_METRIC = "eval/reward_mean"
+"""Mean reward of greedy responses to held-out prompts: the accuracy, for a 0/1 rule reward."""
+
 
 @dataclass
 class RoleGroups:
@@ -139,14 +142,20 @@ class PPOTrainer:
 
     # -- outside the iteration ----------------------------------------------------------------
     def evaluate(self, examples: list[Example]) -> dict[str, float]:
-        """Greedy responses to held-out prompts, scored by the rule reward (accuracy for 0/1 rewards)."""
+        """Greedy responses to held-out prompts, scored like rollouts (accuracy for 0/1 rewards)."""
         with self.phase(Phase.GENERATE, record=False):
             rollout = self.generate(examples, SamplingParams(self.cfg.rollout.max_new_tokens, temperature=0.0))
-        scores = self.rule_reward([e.prompt for e in examples], rollout.responses, [e.label for e in examples])
-        return {"eval/reward_mean": float(scores.mean())}
+        if self.roles.reward is None:  # a rule reward runs here in the driver: no phase change
+            return {EVAL_METRIC: float(self.sequence_rewards(rollout).mean())}
+        with self.phase(Phase.SCORE_REWARD, record=False):
+            scores = self.sequence_rewards(rollout)
+        # Scoring put the engine to sleep (level 2 discards its weights), but the next GENERATE
+        # expects the actor's weights in the engine: sync them again.
+        self.initial_sync()
+        return {EVAL_METRIC: float(scores.mean())}
 
     def initial_sync(self) -> None:
-        """Engines start without weights: the first SYNC gives them the actor's."""
+        """A SYNC outside the iteration: engines start without weights, and GENERATE expects them."""
         with self.phase(Phase.SYNC, record=False):
             self.sync_weights()
 

@@ -47,3 +47,47 @@ def test_default_job_two_iterations(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert list((result.run_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_reward_model_job_in_one_process(tmp_path):
+    """The other reward and executor: a sequence-classifier reward model, every role in-process."""
+    from transformers import LlamaForSequenceClassification
+
+    from hybrid_ppo.launch import train
+    from hybrid_ppo.tasks.tiny_model import tiny_llama_config
+    from hybrid_ppo.tasks.tokenizer import build_tokenizer
+
+    config = tiny_llama_config(build_tokenizer())
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    cfg = load_config(None, ["train.iterations=2", "warmup.steps=20", "data.eval_size=16",
+                             "placement.executor=local", "placement.num_gpus=1",
+                             f"model.reward_model={tmp_path / 'rm'}", "model.reward_fn=null",
+                             f"logging.output_dir={tmp_path}", "logging.run_name=rm", "logging.tensorboard=false"])
+    result = train(cfg)
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "reward/mean" in line]
+    assert len(steps) == 2 and all("time/score_reward" in line for line in steps)
+    assert all(math.isfinite(v) for line in lines for v in line.values())
+    assert math.isfinite(result.eval_before) and math.isfinite(result.eval_after)
+    assert (result.run_dir / "checkpoint" / "config.json").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.prompts={bad}", "data.eval_prompts={bad}"], "bad.jsonl:2: missing 'prompt'"),
+    (["model.actor={tmp}/no-model"], "model.actor = .* is not a directory"),
+    (["model.reward_fn=hybrid_ppo.tasks.max_digit:no_such_fn"], "has no function 'no_such_fn'"),
+    (["data.max_prompt_tokens=3"], "more than data.max_prompt_tokens = 3"),
+])
+def test_bad_input_fails_before_the_run_directory_exists(tmp_path, overrides, message):
+    from hybrid_ppo.launch import train
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "max 1 2 3 4 ="}\n{"prompt": 5}\n')
+    overrides = [o.format(bad=bad, tmp=tmp_path) for o in overrides]
+    cfg = load_config(None, [*overrides, "warmup.steps=20", f"logging.output_dir={tmp_path}/runs",
+                             f"logging.cache_dir={tmp_path}/cache", "logging.run_name=bad"])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train(cfg)
+    assert not (tmp_path / "runs" / "bad").exists()
