@@ -102,7 +102,7 @@ def local_roles(tiny_model_dir):
     executor = LocalExecutor(cfg).start()
     scheduler = MemoryScheduler(PHASE_PLAN)
     roles = build_roles(executor, cfg, scheduler, {"actor": tiny_model_dir, "critic": tiny_model_dir,
-                                                   "reference": tiny_model_dir})
+                                                   "reference": tiny_model_dir, "reward": None})
     yield roles, scheduler
     executor.shutdown()
 

@@ -37,7 +37,10 @@ class Actor(TrainedRole):
         algo = self.cfg.algo
         seq = to_device(micro.sequences, self.device)
         mask = seq.action_mask.float()
-        logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True)
+        # In-place backward is safe: the logits are a fresh output of lm_head, whose backward needs
+        # only its input and weight, and nothing reads them after this op. It saves a [B, R, V] buffer.
+        logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
+                                              inplace_backward=True)
         ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
                           mask, algo.clip_eps)
         entropy_mean = masked_mean(entropy, mask)

@@ -86,12 +86,14 @@ def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
     return out.logits[:, seq.prompt_len - 1:-1]  # position P-1+t predicts response token t
 
 
-def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False):
+def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,
+                      inplace_backward: bool = False):
     """log pi(a_t | s_t) at the rollout temperature for every response token, through the one
     door to the kernels (which scale by the temperature without a [B, R, V] copy)."""
     from hybrid_ppo import ops
 
-    return ops.logprobs(response_logits(model, seq), seq.responses, temperature=temperature, with_entropy=with_entropy)
+    return ops.logprobs(response_logits(model, seq), seq.responses, temperature=temperature,
+                        with_entropy=with_entropy, inplace_backward=inplace_backward)
 
 
 def to_device(seq: Sequences, device: torch.device) -> Sequences:
