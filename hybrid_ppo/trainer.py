@@ -49,7 +49,7 @@ class RoleGroups:
 class Rollout:
     sequences: Sequences
     examples: list[Example]
-    responses: list[str]  # decoded, special tokens removed
+    responses: list[str]  # decoded text before EOS (other special tokens stay visible)
 
 
 class PPOTrainer:
@@ -58,11 +58,11 @@ class PPOTrainer:
         self.cfg, self.roles, self.scheduler, self.tokenizer = cfg, roles, scheduler, tokenizer
         self.encode, self.metrics, self.rule_reward = encode, metrics, rule_reward
         self.iteration = 0
-        self._phase_metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
 
     # -- one PPO iteration ------------------------------------------------------------------
     def step(self, examples: list[Example]) -> dict[str, float]:
-        self._phase_metrics = {}
+        self._metrics = {}
         with self.phase(Phase.GENERATE):
             rollout = self.generate(examples, self.sampling())
         scores = self.score(rollout)
@@ -75,7 +75,7 @@ class PPOTrainer:
         with self.phase(Phase.SYNC):
             self.sync_weights()
         self.iteration += 1
-        return {**self.rollout_stats(rollout, experience), **critic_stats, **actor_stats, **self._phase_metrics}
+        return {**self.rollout_stats(rollout, experience), **critic_stats, **actor_stats, **self._metrics}
 
     def generate(self, examples: list[Example], sampling: SamplingParams) -> Rollout:
         prompts = self.encode([e.prompt for e in examples])
@@ -84,7 +84,7 @@ class PPOTrainer:
         outputs = self.roles.rollout.call_each("generate", [(shard, sampling) for shard in shards])
         response_ids = torch.cat([o.response_ids for o in outputs])
         response_mask = torch.cat([o.response_mask for o in outputs])
-        self._phase_metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
+        self._metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
         sequences = _assemble(prompts, response_ids, response_mask, self.tokenizer.pad_token_id)
         return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask))
 
@@ -114,9 +114,9 @@ class PPOTrainer:
         kl = kl_penalty(old_logprobs, ref_logprobs, algo.kl_estimator)
         rewards = token_rewards(scores, kl if algo.kl_in == KLPlacement.REWARD else None, mask, algo.kl_coef)
         adv = compute_advantages(rewards, values, mask, algo.gamma, algo.lam, algo.whiten_advantages)
-        self._phase_metrics.update({"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
-                                    "kl/mean": float(masked_mean(kl, mask.float())),
-                                    "critic/value_mean": float(masked_mean(values, mask.float()))})
+        self._metrics.update({"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
+                              "kl/mean": float(masked_mean(kl, mask.float())),
+                              "critic/value_mean": float(masked_mean(values, mask.float()))})
         return Experience.build(rollout.sequences, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 values=values, rewards=rewards, advantages=adv.advantages, returns=adv.returns)
 
@@ -128,7 +128,7 @@ class PPOTrainer:
         """Actor -> engines. Every actor rank joins (ZeRO-3 gathers); rank 0 returns the buckets."""
         buckets = self.roles.actor.call("export_weights")[0]
         received = self.roles.rollout.call("load_weight_buckets", buckets)
-        self._phase_metrics["rollout/sync_mib"] = received[0] / 2**20
+        self._metrics["rollout/sync_mib"] = received[0] / 2**20
 
     # -- scoring helpers ----------------------------------------------------------------------
     def sequence_rewards(self, rollout: Rollout) -> torch.Tensor:
@@ -165,7 +165,7 @@ class PPOTrainer:
 
     def rollout_stats(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
         mask = rollout.sequences.action_mask
-        ends_in_eos = mask.sum(-1) < mask.shape[1]
+        ends_in_eos = ((rollout.sequences.responses == self.tokenizer.eos_token_id) & (mask == 1)).any(-1)
         return {"rollout/response_tokens": float(mask.sum(-1).float().mean()),
                 "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
                 "critic/return_mean": float(masked_mean(experience.returns, mask.float()))}
@@ -177,10 +177,10 @@ class PPOTrainer:
         self.metrics.log_moves(self.iteration, moves)
         yield
         if record:
-            self._phase_metrics[f"time/{phase.value}"] = time.perf_counter() - start
-            self._phase_metrics[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
+            self._metrics[f"time/{phase.value}"] = time.perf_counter() - start
+            self._metrics[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
             for field, gib in peak_memory(moves).items():
-                self._phase_metrics[f"memory/{phase.value}/{field}"] = gib
+                self._metrics[f"memory/{phase.value}/{field}"] = gib
 
 
 def _split_list(items: list, parts: int) -> list[list]:

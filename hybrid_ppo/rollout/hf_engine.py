@@ -43,6 +43,9 @@ class HFEngine:
         if missing:
             raise RuntimeError(f"HF engine has no weights loaded for {len(missing)} parameter(s), "
                                f"e.g. {sorted(missing)[0]!r}: sync from the actor first")
+        if not prompt_token_ids:  # an engine with no share of a small batch
+            empty = torch.empty(0, sampling.max_new_tokens, dtype=torch.long)
+            return Generation(empty, empty.clone())
         ids, attention = left_pad(prompt_token_ids, self.pad_id)
         width = ids.shape[1]
         knobs = {"do_sample": False} if sampling.greedy else {
