@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from enum import Enum
 
 from hybrid_ppo.config import Config, ConfigError, load_config
 from hybrid_ppo.placement import PlacementError
@@ -21,12 +22,15 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _field_help() -> str:
-    lines = ["config keys (section.key=value):"]
+    lines = ["config keys (section.key=value), with their defaults:"]
     for section in dataclasses.fields(Config):
         cls = section.default_factory
         for f in dataclasses.fields(cls):
+            default = f.default.value if isinstance(f.default, Enum) else f.default
+            lines.append(f"  {section.name}.{f.name}={default}")
             doc = _docstring_of(cls, f.name)
-            lines.append(f"  {section.name}.{f.name} = {f.default!s:<20} {doc}")
+            if doc:
+                lines.append(f"      {doc}")
     return "\n".join(lines)
 
 

@@ -173,12 +173,17 @@ class TrainConfig(_Section):
     ppo_epochs: int = 2
     """Passes over each rollout batch."""
     actor_lr: float = 5e-4
+    """Actor AdamW learning rate."""
     critic_lr: float = 1e-3
+    """Critic AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay of both trained roles."""
     max_grad_norm: float = 1.0
+    """Gradient clipping (global norm) of both trained roles."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage for actor and critic: 2 or 3."""
     seed: int = 0
+    """Seeds the warm-up, data order, sampling and model init."""
 
     def __post_init__(self) -> None:
         self._positive("iterations", "rollout_batch_size", "samples_per_prompt", "mini_batch_size",
@@ -211,6 +216,7 @@ class AlgoConfig(_Section):
     kl_in: KLPlacement = KLPlacement.REWARD
     """Where the KL goes: `reward` (per-token penalty) or `loss`."""
     whiten_advantages: bool = True
+    """Normalise advantages over the batch's response tokens (mean 0, std 1)."""
     entropy_coef: float = 0.0
     """Entropy bonus in the policy loss."""
     target_kl: float | None = None
