@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from typing import Callable
 
@@ -28,6 +29,10 @@ class TrainedRole(ResidentRole):
         torch.manual_seed(cfg.train.seed + dist.rank)
         self.engine = build_engine(cfg, dist.world_size, lr, load)
         self.residency = DeepSpeedResidency(self.engine)
+        # DeepSpeed's offload_states() runs gc.collect() three times. Over the ~10^6 objects that
+        # torch, transformers and DeepSpeed leave after start-up that costs ~0.75 s per offload
+        # (measured on CPU); freezing them makes each collect scan only what came later (~1 ms).
+        gc.freeze()
 
     def loss(self, micro: Experience) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
