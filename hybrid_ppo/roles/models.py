@@ -38,8 +38,16 @@ class ValueModel(nn.Module):
     def __init__(self, path: str, dtype: torch.dtype):
         super().__init__()
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
-        self.backbone = AutoModel.from_pretrained(_local_dir(path), dtype=dtype)
+        # A causal-LM checkpoint has an lm_head the backbone drops on purpose: keep that expected
+        # "UNEXPECTED key" report out of every critic rank's log.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.backbone = AutoModel.from_pretrained(_local_dir(path), dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         hidden = self.backbone.config.hidden_size
         self.value_head = nn.Linear(hidden, 1, dtype=dtype)
         # A small head keeps early value errors small, so the first critic steps do not swamp the
