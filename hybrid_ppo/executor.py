@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import socket
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -205,11 +204,10 @@ class LocalExecutor:
         return group
 
     def shutdown(self) -> None:
-        """Drop the roles and tear down the process-wide torch.distributed world if one was formed."""
+        """Drop the roles. The process-wide torch.distributed world of size 1 stays: DeepSpeed caches
+        its groups for the life of the process, so a destroyed world would leave the next local
+        run (a second job in one process, as in the tests) holding dangling groups."""
         self._groups.clear()
-        dist = sys.modules.get("torch.distributed")  # never import torch just to shut down
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
     def __enter__(self) -> LocalExecutor:
         return self.start()
