@@ -183,7 +183,11 @@ def _engine_problems(plan: PlacementPlan, cfg: Config) -> list[str]:
 
 
 def create_placement_group(plan: PlacementPlan, timeout_s: float = PG_READY_TIMEOUT_S) -> "PlacementGroup":
-    """Reserve the plan's bundles as ONE Ray placement group (PACK) and wait until it is ready.
+    """Reserve the plan's bundles as ONE Ray placement group and wait until it is ready.
+
+    STRICT_PACK: every bundle on one node. The roles meet on 127.0.0.1 and colocated engines
+    share weights with the actor on the same GPUs, so a group spread over nodes (which PACK
+    allows when joining a multi-node cluster at RAY_ADDRESS) could not work.
 
     Ray must already be initialized. Raises `PlacementError` at once if the cluster has fewer
     GPUs/CPUs in total than the group needs, or after `timeout_s` if the bundles never fit.
@@ -197,7 +201,7 @@ def create_placement_group(plan: PlacementPlan, timeout_s: float = PG_READY_TIME
     if short:
         raise PlacementError(_missing_message(plan, need, total, ray.available_resources(), "the cluster has"))
     bundles = [{"GPU": 1.0, "CPU": plan.bundle_cpu} for _ in range(plan.num_bundles)]
-    pg = placement_group(bundles, strategy="PACK")
+    pg = placement_group(bundles, strategy="STRICT_PACK")
     if not pg.wait(timeout_seconds=timeout_s):
         available = ray.available_resources()
         remove_placement_group(pg)

@@ -104,6 +104,8 @@ def test_ray_starts_self_contained(executor, cache_dir):
 
 def test_every_rank_on_its_bundle_with_its_fraction(executor, groups):
     pg_id = executor.placement_group.id.hex()
+    table = ray.util.placement_group_table(executor.placement_group)
+    assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2  # one group, one node
     pids = set()
     for role, group in groups.items():
         assert group.world_size == 2
