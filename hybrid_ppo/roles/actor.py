@@ -12,10 +12,10 @@ from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.algo.ppo import KLEstimator, kl_loss, masked_mean, policy_loss
 from hybrid_ppo.config import Config, KLPlacement
 from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
-from hybrid_ppo.roles.deepspeed_engine import gathered_parameters
+from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
 from hybrid_ppo.roles.models import load_causal_lm
 from hybrid_ppo.roles.trained import TrainedRole
-from hybrid_ppo.rollout.weight_sync import WeightBucket, pack_buckets
+from hybrid_ppo.rollout.weight_sync import WeightBucket, bucket_plan, pack_bucket
 
 
 class Actor(TrainedRole):
@@ -60,13 +60,22 @@ class Actor(TrainedRole):
         kls = epoch_stats["actor/approx_kl"]
         return self.mean_across_ranks(sum(kls) / len(kls)) > target
 
-    def export_weights(self) -> list[WeightBucket] | None:
-        """HF-named weights in flat buckets (SYNC). Collective under ZeRO-3; rank 0 returns them."""
-        with gathered_parameters(self.engine):
-            if self.rank != 0:
-                return None
-            named = [(name, p.detach()) for name, p in self.engine.module.named_parameters()]
-            return pack_buckets(named, self.cfg.rollout.weight_sync_bucket_mb << 20)
+    def export_weights(self, bucket_bytes: int | None = None) -> list[WeightBucket] | None:
+        """HF-named weights in flat buckets (SYNC); rank 0 returns them.
+
+        Under ZeRO-3 each bucket's parameters are gathered, copied out and released in turn, so
+        the gather never holds more than one bucket beyond this rank's shard. Collective.
+        """
+        named = list(self.engine.module.named_parameters())
+        bucket_bytes = bucket_bytes or self.cfg.rollout.weight_sync_bucket_mb << 20
+        plan = bucket_plan([(p.dtype, full_numel(p)) for _, p in named], bucket_bytes)
+        buckets = []
+        for indices in plan:
+            chunk = [named[i] for i in indices]
+            with gathered_parameters(self.engine, [p for _, p in chunk]):
+                if self.rank == 0:
+                    buckets.append(pack_bucket([(name, p.detach()) for name, p in chunk]))
+        return buckets if self.rank == 0 else None
 
     def save(self, path: str) -> None:
         """Final HF-format checkpoint (weights + config); collective under ZeRO-3, rank 0 writes."""

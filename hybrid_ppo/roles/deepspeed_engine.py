@@ -68,12 +68,19 @@ def build_engine(cfg: Config, world_size: int, lr: float, load: Callable[[], nn.
 
 
 @contextmanager
-def gathered_parameters(engine) -> Iterator[None]:
-    """Full parameters on every rank for the duration (ZeRO-3); a no-op for ZeRO-2. Collective."""
+def gathered_parameters(engine, params: list[nn.Parameter] | None = None) -> Iterator[None]:
+    """Full `params` (default: all) on every rank for the duration under ZeRO-3; a no-op for
+    ZeRO-2, whose ranks hold full parameters anyway. Collective: every rank must enter."""
     if engine.zero_optimization_stage() != 3:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+    params = list(engine.module.parameters()) if params is None else params
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def full_numel(param: nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 has partitioned it away (numel() == 0)."""
+    return getattr(param, "ds_numel", param.numel())

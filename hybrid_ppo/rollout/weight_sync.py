@@ -8,7 +8,7 @@ IPC handles for colocated engines are the planned fast path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -32,23 +32,30 @@ class WeightBucket:
         return self.flat.numel() * self.flat.element_size()
 
 
-def pack_buckets(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> list[WeightBucket]:
-    """Group tensors (in order, per dtype) into buckets of at most `bucket_bytes`; a bigger tensor gets its own."""
-    open_buckets: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
-    sizes: dict[torch.dtype, int] = {}
-    done: list[WeightBucket] = []
-    for name, tensor in named:
-        dtype, nbytes = tensor.dtype, tensor.numel() * tensor.element_size()
-        if open_buckets.get(dtype) and sizes[dtype] + nbytes > bucket_bytes:
-            done.append(_flatten(open_buckets.pop(dtype)))
+def bucket_plan(sizes: list[tuple[torch.dtype, int]], bucket_bytes: int) -> list[list[int]]:
+    """Indices of tensors (given as (dtype, numel)) grouped in order into same-dtype buckets of at
+    most `bucket_bytes`; a tensor bigger than that gets a bucket of its own."""
+    open_buckets: dict[torch.dtype, list[int]] = {}
+    filled: dict[torch.dtype, int] = {}
+    done: list[list[int]] = []
+    for index, (dtype, numel) in enumerate(sizes):
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if open_buckets.get(dtype) and filled[dtype] + nbytes > bucket_bytes:
+            done.append(open_buckets.pop(dtype))
         if dtype not in open_buckets:
-            open_buckets[dtype], sizes[dtype] = [], 0
-        open_buckets[dtype].append((name, tensor))
-        sizes[dtype] += nbytes
-    done.extend(_flatten(items) for items in open_buckets.values())
-    return done
+            open_buckets[dtype], filled[dtype] = [], 0
+        open_buckets[dtype].append(index)
+        filled[dtype] += nbytes
+    return done + list(open_buckets.values())
 
 
-def _flatten(items: list[tuple[str, Tensor]]) -> WeightBucket:
+def pack_bucket(items: list[tuple[str, Tensor]]) -> WeightBucket:
+    """One host bucket from full tensors of one dtype."""
     flat = torch.cat([t.reshape(-1) for _, t in items]).cpu()
     return WeightBucket(flat, [n for n, _ in items], [tuple(t.shape) for _, t in items])
+
+
+def pack_buckets(named: list[tuple[str, Tensor]], bucket_bytes: int) -> list[WeightBucket]:
+    """All of `named` as buckets (see `bucket_plan`)."""
+    plan = bucket_plan([(t.dtype, t.numel()) for _, t in named], bucket_bytes)
+    return [pack_bucket([named[i] for i in indices]) for indices in plan]
