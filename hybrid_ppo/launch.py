@@ -120,6 +120,7 @@ class Inputs:
 
     paths: dict[str, str | None]
     tokenizer: object
+    token_ids: dict[str, list[int]]  # every prompt, encoded once
     train_examples: list
     eval_examples: list
     rule_reward: RuleReward | None
@@ -136,10 +137,10 @@ def load_inputs(cfg: Config) -> Inputs:
     tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
     train_examples = load_prompts(cfg.data.prompts, "train", cfg)
     eval_examples = load_prompts(cfg.data.eval_prompts or cfg.data.prompts, "eval", cfg)
-    for examples in (train_examples, eval_examples):
-        encode_prompts(tokenizer, [e.prompt for e in examples], cfg.data.max_prompt_tokens)
+    prompts = sorted({e.prompt for e in (*train_examples, *eval_examples)})
+    token_ids = dict(zip(prompts, encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)))
     rule_reward = RuleReward(cfg.model.reward_fn) if cfg.model.reward_fn else None
-    return Inputs(paths, tokenizer, train_examples, eval_examples, rule_reward)
+    return Inputs(paths, tokenizer, token_ids, train_examples, eval_examples, rule_reward)
 
 
 def train(cfg: Config) -> RunResult:
@@ -156,7 +157,7 @@ def train(cfg: Config) -> RunResult:
 
 def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
     """Start the executor, build the roles, run PPO and save the checkpoint into `run_dir`."""
-    from hybrid_ppo.data import PromptBatches, encode_prompts
+    from hybrid_ppo.data import PromptBatches
     from hybrid_ppo.executor import make_executor
 
     start = time.perf_counter()
@@ -169,7 +170,7 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
         executor.start()
         roles = build_roles(executor, cfg, scheduler, inputs.paths)
         trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
-                             lambda prompts: encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens),
+                             lambda prompts: [inputs.token_ids[p] for p in prompts],
                              metrics, inputs.rule_reward)
         batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
         result = run(cfg, trainer, batches, inputs.eval_examples, metrics)
