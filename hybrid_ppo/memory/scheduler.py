@@ -43,10 +43,9 @@ class MemoryScheduler:
         self.phase: Phase | None = None
 
     def register(self, role: Role, group: RoleGroupLike) -> list[Move]:
-        """Adopt a freshly built role (everything resident) and offload what no phase-less start needs.
-
-        Called right after each role is built, so a big box never holds every role at once.
-        """
+        """Adopt a freshly built role (everything resident) and offload all of it, unless the plan
+        keeps everything resident. Called right after each role is built, so a big box never holds
+        every role at once; the first `enter` brings back what its phase needs."""
         self.groups[role] = group
         self.resident[role] = ROLE_STATES[role]
         keep = frozenset(ROLE_STATES[role]) if self._keeps_everything() else frozenset()
