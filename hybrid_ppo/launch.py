@@ -93,7 +93,9 @@ def resolve_models(cfg: Config) -> dict[str, str | None]:
             "reward": resolve_model("model.reward_model", m.reward_model, cfg) if m.reward_model else None}
 
 
-def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[str, str | None]) -> RoleGroups:
+def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[str, str | None],
+                metrics: MetricsWriter | None = None) -> RoleGroups:
+    """Spawn each role in turn and hand it to the scheduler, which offloads it before the next one."""
     from hybrid_ppo.roles.actor import Actor
     from hybrid_ppo.roles.critic import Critic
     from hybrid_ppo.roles.reference import Reference
@@ -108,7 +110,9 @@ def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[s
     for role, cls, path in specs:
         start = time.perf_counter()
         groups[role] = executor.spawn(role.value, cls, path)
-        scheduler.register(role, groups[role])
+        moves = scheduler.register(role, groups[role])
+        if metrics is not None:
+            metrics.log_moves(0, moves)
         log.info("built %s (%d rank(s)) in %.1fs", role.value, groups[role].world_size, time.perf_counter() - start)
     return RoleGroups(actor=groups[Role.ACTOR], critic=groups[Role.CRITIC], reference=groups[Role.REFERENCE],
                       rollout=groups[Role.ROLLOUT], reward=groups.get(Role.REWARD))
@@ -168,7 +172,7 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
     executor = make_executor(cfg)
     try:
         executor.start()
-        roles = build_roles(executor, cfg, scheduler, inputs.paths)
+        roles = build_roles(executor, cfg, scheduler, inputs.paths, metrics)
         trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
                              lambda prompts: [inputs.token_ids[p] for p in prompts],
                              metrics, inputs.rule_reward)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from hybrid_ppo.config import load_config
+from hybrid_ppo.memory.plan import Phase
+from hybrid_ppo.memory.report import memory_report
 
 EXPECTED_KEYS = {
     "reward/mean", "kl/mean", "loss/policy", "loss/value", "actor/approx_kl", "actor/clip_frac", "actor/entropy",
@@ -40,6 +45,14 @@ def test_default_job_two_iterations(tmp_path):
     timeline = [json.loads(line) for line in (result.run_dir / "memory_timeline.jsonl").read_text().splitlines()]
     assert {"offload", "reload"} <= {m["direction"] for m in timeline}
     assert all(len(m["ranks"]) == 2 for m in timeline if m["role"] == "actor")  # both ranks moved
+    assert {m["role"] for m in timeline if m["phase"] == "startup"} == {"actor", "critic", "reference", "rollout"}
+    report = memory_report(timeline)
+    assert report.iteration == 1 and list(report.phases) == [p.value for p in Phase]
+    assert set(report.phases["generate"].roles) == {"actor", "critic", "reference", "rollout"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_memory.py"
+    out = subprocess.run([sys.executable, str(script), str(result.run_dir)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "score_reference" in out.stdout and (result.run_dir / "memory_report.json").exists()
 
     checkpoint = result.run_dir / "checkpoint"
     assert (checkpoint / "config.json").exists() and (checkpoint / "tokenizer.json").exists()

@@ -1,0 +1,96 @@
+"""Where the memory goes, phase by phase: a table built from a run's memory_timeline.jsonl.
+
+Every residency move records each rank's memory before and after it. A role that does not move
+in a phase keeps what it had after its last move, so carrying the last reading of every
+(role, rank) forward gives the memory of every role in every phase. The table shows one
+iteration (the last complete one by default): per phase, each role's reading (the largest over
+its ranks, i.e. its worst GPU) and the per-GPU total (roles on GPU i are the rank-i ranks).
+
+Which reading: `device_allocated_gib` (torch tensors on the GPU) when the run had a GPU,
+otherwise `host_rss_gib`, the whole process's resident memory, which on a CPU run includes each
+process's ~0.5 GiB of libraries and is only a coarse picture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybrid_ppo.memory.plan import Phase
+
+DEVICE_FIELD, HOST_FIELD = "device_allocated_gib", "host_rss_gib"
+
+
+@dataclass
+class PhaseMemory:
+    roles: dict[str, float]  # role -> GiB on its fullest GPU (max over ranks)
+    gpu_total: float  # max over GPUs of the sum over the roles on it
+    move_seconds: float  # time spent moving states on entering the phase
+
+
+@dataclass
+class MemoryReport:
+    field: str
+    iteration: int
+    phases: dict[str, PhaseMemory] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"field": self.field, "iteration": self.iteration,
+                "phases": {p: vars(m) for p, m in self.phases.items()}}
+
+    def table(self) -> str:
+        roles = sorted({r for m in self.phases.values() for r in m.roles})
+        header = f"{'phase':<16}" + "".join(f"{r:>11}" for r in roles) + f"{'per GPU':>11}{'moves s':>10}"
+        lines = [f"memory by phase, iteration {self.iteration} ({self.field}, GiB)", header]
+        for phase, m in self.phases.items():
+            cells = "".join(f"{m.roles[r]:>11.3f}" if r in m.roles else f"{'-':>11}" for r in roles)
+            lines.append(f"{phase:<16}{cells}{m.gpu_total:>11.3f}{m.move_seconds:>10.3f}")
+        return "\n".join(lines)
+
+
+def load_timeline(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "memory_timeline.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a hybrid-ppo run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def memory_report(records: list[dict], iteration: int | None = None) -> MemoryReport:
+    """The per-phase table of `iteration` (default: the last one that trained the actor)."""
+    if not records:
+        raise ValueError("the memory timeline is empty")
+    if iteration is None:
+        trained = [r["iteration"] for r in records if r["phase"] == Phase.TRAIN_ACTOR.value]
+        if not trained:
+            raise ValueError("no iteration in the memory timeline reached train_actor")
+        iteration = max(trained)
+    name = DEVICE_FIELD if any(r["after"].get(DEVICE_FIELD) is not None
+                               for rec in records for r in rec["ranks"]) else HOST_FIELD
+    current: dict[tuple[str, int], float] = {}  # (role, rank) -> GiB after its last move
+    entered: dict[str, PhaseMemory] = {}  # phase -> memory after its moves, in `iteration`
+    for record in records:
+        if record["iteration"] > iteration:
+            break
+        for rank, reading in enumerate(record["ranks"]):
+            if reading["after"].get(name) is not None:
+                current[(record["role"], rank)] = reading["after"][name]
+        if record["iteration"] == iteration:
+            before = entered.get(record["phase"])
+            entered[record["phase"]] = _snapshot(current, (before.move_seconds if before else 0.0) + record["seconds"])
+    report = MemoryReport(name, iteration)
+    last: PhaseMemory | None = None
+    for phase in Phase:  # a phase without moves holds what the phase before it held
+        last = entered.get(phase.value) or (last and PhaseMemory(last.roles, last.gpu_total, 0.0))
+        if last is not None:
+            report.phases[phase.value] = last
+    return report
+
+
+def _snapshot(current: dict[tuple[str, int], float], move_seconds: float) -> PhaseMemory:
+    roles: dict[str, float] = {}
+    per_gpu: dict[int, float] = {}
+    for (role, rank), gib in current.items():
+        roles[role] = max(roles.get(role, 0.0), gib)
+        per_gpu[rank] = per_gpu.get(rank, 0.0) + gib
+    return PhaseMemory(roles, max(per_gpu.values(), default=0.0), move_seconds)
