@@ -53,6 +53,15 @@ def test_host_memory_when_there_is_no_device_reading():
     assert report.field == "host_rss_gib" and report.phases["generate"].roles["rollout"] == 9.0
 
 
+def test_roles_in_one_process_count_once():
+    shared = json.loads(json.dumps(TIMELINE))
+    for record in shared:
+        for rank in record["ranks"]:
+            rank["pid"] = 4242  # the local executor: one process, readings are process-wide
+    # the process's newest reading (after the rollout reload), once: not actor 4 + rollout 3
+    assert memory_report(shared).phases["sync"].gpu_total == 3.0
+
+
 def test_table_and_errors(tmp_path):
     table = memory_report(TIMELINE).table()
     assert "iteration 1 (device_allocated_gib, GiB)" in table and "train_actor" in table

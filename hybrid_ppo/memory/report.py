@@ -4,7 +4,8 @@ Every residency move records each rank's memory before and after it. A role that
 in a phase keeps what it had after its last move, so carrying the last reading of every
 (role, rank) forward gives the memory of every role in every phase. The table shows one
 iteration (the last complete one by default): per phase, each role's reading (the largest over
-its ranks, i.e. its worst GPU) and the per-GPU total (roles on GPU i are the rank-i ranks).
+its ranks, i.e. its worst GPU) and the per-GPU total (roles on GPU i are the rank-i ranks; roles
+that share one process, as under the local executor, share one reading and count once).
 
 Which reading: `device_allocated_gib` (torch tensors on the GPU) when the run had a GPU,
 otherwise `host_rss_gib`, the whole process's resident memory, which on a CPU run includes each
@@ -67,14 +68,14 @@ def memory_report(records: list[dict], iteration: int | None = None) -> MemoryRe
         iteration = max(trained)
     name = DEVICE_FIELD if any(r["after"].get(DEVICE_FIELD) is not None
                                for rec in records for r in rec["ranks"]) else HOST_FIELD
-    current: dict[tuple[str, int], float] = {}  # (role, rank) -> GiB after its last move
+    current: dict[tuple[str, int], tuple[float, int | None, int]] = {}  # (role, rank) -> (GiB, pid, when)
     entered: dict[str, PhaseMemory] = {}  # phase -> memory after its moves, in `iteration`
-    for record in records:
+    for when, record in enumerate(records):
         if record["iteration"] > iteration:
             break
         for rank, reading in enumerate(record["ranks"]):
             if reading["after"].get(name) is not None:
-                current[(record["role"], rank)] = reading["after"][name]
+                current[(record["role"], rank)] = (reading["after"][name], reading.get("pid"), when)
         if record["iteration"] == iteration:
             before = entered.get(record["phase"])
             entered[record["phase"]] = _snapshot(current, (before.move_seconds if before else 0.0) + record["seconds"])
@@ -87,10 +88,14 @@ def memory_report(records: list[dict], iteration: int | None = None) -> MemoryRe
     return report
 
 
-def _snapshot(current: dict[tuple[str, int], float], move_seconds: float) -> PhaseMemory:
+def _snapshot(current: dict[tuple[str, int], tuple[float, int | None, int]], move_seconds: float) -> PhaseMemory:
     roles: dict[str, float] = {}
-    per_gpu: dict[int, float] = {}
-    for (role, rank), gib in current.items():
+    latest: dict[tuple[int, object], tuple[int, float]] = {}  # (GPU, process) -> its newest (when, GiB)
+    for (role, rank), (gib, pid, when) in current.items():
         roles[role] = max(roles.get(role, 0.0), gib)
+        key = (rank, pid if pid is not None else role)  # a shared process counts once
+        latest[key] = max(latest.get(key, (-1, 0.0)), (when, gib))
+    per_gpu: dict[int, float] = {}
+    for (rank, _), (_, gib) in latest.items():
         per_gpu[rank] = per_gpu.get(rank, 0.0) + gib
     return PhaseMemory(roles, max(per_gpu.values(), default=0.0), move_seconds)

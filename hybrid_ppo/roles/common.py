@@ -65,7 +65,8 @@ class ResidentRole:
         start = time.perf_counter()
         move(frozenset(State(s) for s in states))
         release_cached_memory()
-        return {"seconds": time.perf_counter() - start, "before": before.as_dict(), "after": snapshot().as_dict()}
+        return {"seconds": time.perf_counter() - start, "before": before.as_dict(), "after": snapshot().as_dict(),
+                "pid": os.getpid()}  # roles sharing a process (local executor) share these readings
 
 
 class FrozenRole(ResidentRole):
