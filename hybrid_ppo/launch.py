@@ -1,9 +1,10 @@
 """`hybrid-ppo train`: everything around the PPO loop.
 
-Make the run directory, resolve models (warming up the builtin one), start the executor, build
-the roles one at a time (each is offloaded by the scheduler as soon as it exists, so a big box
-never holds every role at once), then run: initial sync, held-out eval, PPO iterations, eval,
-final checkpoint.
+Load and check every input first (models, warming up the builtin one; prompts; the reward
+function), so bad input fails before anything is written. Then make the run directory, start the
+executor, build the roles one at a time (each is offloaded by the scheduler as soon as it exists,
+so a big box never holds every role at once), and run: initial sync, held-out eval, PPO
+iterations, eval, final checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
