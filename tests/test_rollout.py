@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -117,8 +119,6 @@ def test_engine_residency_drops_kv_alone_through_a_level1_sleep(model_and_tokeni
 
 
 def test_rule_reward_checks_what_the_function_returns(monkeypatch):
-    import types, sys
-
     module = types.ModuleType("fake_rewards")
     module.raises = lambda p, r, l: 1 / 0
     module.short = lambda p, r, l: [1.0] * (len(r) - 1)
