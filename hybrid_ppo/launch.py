@@ -136,12 +136,11 @@ def load_inputs(cfg: Config) -> Inputs:
     mid-run) and the reward function. Bad input raises here and leaves nothing behind."""
     from transformers import AutoTokenizer
 
-    from hybrid_ppo.data import encode_prompts, load_prompts
+    from hybrid_ppo.data import encode_prompts, eval_prompts, train_prompts
 
     paths = resolve_models(cfg)
     tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
-    train_examples = load_prompts(cfg.data.prompts, "train", cfg)
-    eval_examples = load_prompts(cfg.data.eval_prompts or cfg.data.prompts, "eval", cfg)
+    train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
     prompts = sorted({e.prompt for e in (*train_examples, *eval_examples)})
     token_ids = dict(zip(prompts, encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)))
     rule_reward = RuleReward(cfg.model.reward_fn) if cfg.model.reward_fn else None

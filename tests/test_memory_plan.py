@@ -13,7 +13,7 @@ import torch
 
 from hybrid_ppo.algo.experience import Sequences
 from hybrid_ppo.config import load_config
-from hybrid_ppo.memory.plan import (PHASE_PLAN, ROLE_STATES, Phase, Role, State, describe, resident,
+from hybrid_ppo.memory.plan import (PHASE_PLAN, Phase, Role, State, describe, resident,
                                     resident_everything, validate_plan)
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 
