@@ -48,6 +48,11 @@ class KLPlacement(str, Enum):
     LOSS = "loss"  # kl_coef * KL added to the policy loss (GRPO-style)
 
 
+class OverlongPrompts(str, Enum):
+    ERROR = "error"  # a prompt over data.max_prompt_tokens stops the run before it starts
+    SKIP = "skip"  # such prompts are dropped at load time, counted and logged
+
+
 class ExecutorKind(str, Enum):
     RAY = "ray"  # every role rank is a Ray actor in the one placement group
     LOCAL = "local"  # one process, one rank per role: debugging, GPU boxes without Ray
@@ -118,16 +123,26 @@ class WarmupConfig(_Section):
 class DataConfig(_Section):
     name: ClassVar[str] = "data"
     prompts: str = "builtin:max-digit"
-    """Training prompts: a JSONL file with `prompt` (and optional `label`) per line, or `builtin:max-digit`."""
+    """Training prompts: a JSONL file, parquet file(s), a local `datasets` directory (save_to_disk), or `builtin:max-digit`."""
     eval_prompts: str | None = None
     """Held-out prompts in the same format. None: the builtin task's held-out split (builtin only)."""
+    input_key: str = "prompt"
+    """Field holding the prompt: a string, or a chat (a list of {"role", "content"} messages)."""
+    label_key: str = "label"
+    """Optional field holding the label (any JSON value) handed to the reward function as is."""
+    apply_chat_template: bool | None = None
+    """null: the tokenizer's chat template renders chats, strings stay as they are; true: strings too (as one user message); false: never (a chat is an error)."""
     max_prompt_tokens: int = 32
-    """Prompts longer than this (in tokens) are an error, not silently cut."""
+    """Prompts longer than this (in tokens, after the chat template) are never silently cut: see overlong_prompts."""
+    overlong_prompts: OverlongPrompts = OverlongPrompts.ERROR
+    """`error`: a prompt over max_prompt_tokens stops the run; `skip`: such prompts are dropped at load time and counted."""
     eval_size: int = 256
     """Held-out prompts scored for accuracy before and after PPO."""
 
     def __post_init__(self) -> None:
         self._positive("max_prompt_tokens", "eval_size")
+        self._require(bool(self.input_key), "input_key", "a non-empty field name")
+        self._require(self.label_key != self.input_key, "label_key", f"a field other than input_key ({self.input_key!r})")
 
 
 @dataclass
@@ -275,6 +290,11 @@ class LoggingConfig(_Section):
     """Also write TensorBoard event files (metrics.jsonl is always written)."""
     cache_dir: str | None = None
     """Warm-up checkpoints and JIT-built ops; null: <output_dir>/.cache."""
+    samples_per_iteration: int = 4
+    """Rollouts appended to samples.jsonl each iteration (prompt after the chat template, response, reward, label); 0: none."""
+
+    def __post_init__(self) -> None:
+        self._require(self.samples_per_iteration >= 0, "samples_per_iteration", "an integer >= 0")
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -309,7 +329,7 @@ class Config:
             raise ConfigError("data.eval_size", self.data.eval_size,
                               f"a multiple of placement.num_gpus ({gpus}): reward-model ranks score equal shards")
         if self.data.eval_prompts is None and not self.data.prompts.startswith(BUILTIN_PREFIX):
-            raise ConfigError("data.eval_prompts", None, "a JSONL path (required when data.prompts is a file)")
+            raise ConfigError("data.eval_prompts", None, "a prompt file or dataset path (required when data.prompts is not builtin)")
 
     @property
     def num_engines(self) -> int:

@@ -27,6 +27,7 @@ from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter
 from hybrid_ppo.progress import iteration_progress
 from hybrid_ppo.roles.reward import RuleReward
+from hybrid_ppo.special_tokens import SpecialTokens, resolve_special_tokens
 from hybrid_ppo.trainer import EVAL_METRIC, PPOTrainer, RoleGroups
 
 log = logging.getLogger("hybrid_ppo")
@@ -125,26 +126,29 @@ class Inputs:
 
     paths: dict[str, str | None]
     tokenizer: object
-    token_ids: dict[str, list[int]]  # every prompt, encoded once
+    token_ids: dict[tuple[str, bool], list[int]]  # every prompt, encoded once (data.prompt_key)
     train_examples: list
     eval_examples: list
     rule_reward: RuleReward | None
+    special: SpecialTokens  # the actor's pad and EOS ids; the engines resolve the same from the same path
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    """Models, tokenizer, prompts (every one encoded once, so a too-long prompt fails now, not
-    mid-run) and the reward function. Bad input raises here and leaves nothing behind."""
+    """Models, tokenizer, prompts (chats rendered, every prompt encoded once, so a too-long prompt
+    fails now, not mid-run) and the reward. Bad input raises here and leaves nothing behind."""
     from transformers import AutoTokenizer
 
-    from hybrid_ppo.data import encode_prompts, eval_prompts, train_prompts
+    from hybrid_ppo.data import prepare_prompts
+    from hybrid_ppo.roles.reward import check_reward_tokenizer
 
     paths = resolve_models(cfg)
     tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
-    train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
-    prompts = sorted({e.prompt for e in (*train_examples, *eval_examples)})
-    token_ids = dict(zip(prompts, encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)))
+    prompts = prepare_prompts(cfg, tokenizer)
+    if paths["reward"] is not None:
+        check_reward_tokenizer(tokenizer, paths["reward"], [e.prompt for e in prompts.train[:64]])
     rule_reward = RuleReward(cfg.model.reward_fn) if cfg.model.reward_fn else None
-    return Inputs(paths, tokenizer, token_ids, train_examples, eval_examples, rule_reward)
+    return Inputs(paths, tokenizer, prompts.token_ids, prompts.train, prompts.eval, rule_reward,
+                  resolve_special_tokens(paths["actor"]))
 
 
 def train(cfg: Config) -> RunResult:
@@ -161,8 +165,9 @@ def train(cfg: Config) -> RunResult:
 
 def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
     """Start the executor, build the roles, run PPO and save the checkpoint into `run_dir`."""
-    from hybrid_ppo.data import PromptBatches
+    from hybrid_ppo.data import PromptBatches, prompt_key
     from hybrid_ppo.executor import make_executor
+    from hybrid_ppo.samples import SampleLog
 
     start = time.perf_counter()
     tokenizer = inputs.tokenizer
@@ -174,8 +179,9 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
         executor.start()
         roles = build_roles(executor, cfg, scheduler, inputs.paths, metrics)
         trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
-                             lambda prompts: [inputs.token_ids[p] for p in prompts],
-                             metrics, inputs.rule_reward)
+                             lambda examples: [inputs.token_ids[prompt_key(e)] for e in examples],
+                             metrics, inputs.rule_reward, SampleLog(run_dir, cfg.logging.samples_per_iteration),
+                             inputs.special)
         batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
         result = run(cfg, trainer, batches, inputs.eval_examples, metrics)
         save_checkpoint(trainer, tokenizer, run_dir)

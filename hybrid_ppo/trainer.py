@@ -25,7 +25,9 @@ from hybrid_ppo.memory.plan import Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.roles.reward import RuleReward
-from hybrid_ppo.rollout.engine import SamplingParams, left_pad
+from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad
+from hybrid_ppo.samples import SampleLog
+from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
 from hybrid_ppo.tasks.base import Example
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,17 @@ class RoleGroups:
 class Rollout:
     sequences: Sequences
     examples: list[Example]
-    responses: list[str]  # decoded text before EOS (other special tokens stay visible)
+    responses: list[str]  # decoded text before the first stop token, without special tokens
 
 
 class PPOTrainer:
     def __init__(self, cfg: Config, roles: RoleGroups, scheduler: MemoryScheduler, tokenizer,
-                 encode: Callable[[list[str]], list[list[int]]], metrics: MetricsWriter, rule_reward: RuleReward | None):
+                 encode: Callable[[list[Example]], list[list[int]]], metrics: MetricsWriter,
+                 rule_reward: RuleReward | None, samples: SampleLog | None = None, special: SpecialTokens | None = None):
         self.cfg, self.roles, self.scheduler, self.tokenizer = cfg, roles, scheduler, tokenizer
-        self.encode, self.metrics, self.rule_reward = encode, metrics, rule_reward
+        self.encode, self.metrics, self.rule_reward, self.samples = encode, metrics, rule_reward, samples
+        # The run passes the ids resolved from the actor's checkpoint (what the engines use too).
+        self.special = special or special_tokens_from(None, None, tokenizer, where="tokenizer")
         self.iteration = 0
         self._metrics: dict[str, float] = {}
 
@@ -66,6 +71,9 @@ class PPOTrainer:
         with self.phase(Phase.GENERATE):
             rollout = self.generate(examples, self.sampling())
         scores = self.score(rollout)
+        if self.samples is not None:
+            self.samples.write(self.iteration + 1, [e.prompt for e in examples], rollout.responses,
+                               scores["scores"].tolist(), [e.label for e in examples])
         with self.phase(Phase.ADVANTAGE):
             experience = self.make_experience(rollout, **scores)
         with self.phase(Phase.TRAIN_CRITIC):
@@ -78,23 +86,23 @@ class PPOTrainer:
         return {**self.rollout_stats(rollout, experience), **critic_stats, **actor_stats, **self._metrics}
 
     def generate(self, examples: list[Example], sampling: SamplingParams) -> Rollout:
-        prompts = self.encode([e.prompt for e in examples])
+        prompts = self.encode(examples)
         shards = _split_list(prompts, self.roles.rollout.world_size)
         start = time.perf_counter()
         outputs = self.roles.rollout.call_each("generate", [(shard, sampling) for shard in shards])
         response_ids = torch.cat([o.response_ids for o in outputs])
         response_mask = torch.cat([o.response_mask for o in outputs])
         self._metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
-        sequences = _assemble(prompts, response_ids, response_mask, self.tokenizer.pad_token_id)
+        sequences = _assemble(prompts, response_ids, response_mask, self.special.pad_id)
         return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask))
 
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        """Text before EOS. Other special tokens stay visible, so a reward never sees a stray
-        `<pad>` silently erased into a clean-looking answer."""
+        """Text before the first stop token (any EOS id), without special tokens, as the reward
+        contract says. An id past the tokenizer (padded vocab rows) has no text and decodes to ''."""
         lengths = response_mask.sum(-1).tolist()
         rows = [ids[:n].tolist() for ids, n in zip(response_ids, lengths)]
-        rows = [r[:-1] if r and r[-1] == self.tokenizer.eos_token_id else r for r in rows]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=False)
+        rows = [r[:-1] if r and r[-1] in self.special.eos_ids else r for r in rows]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """One model at a time, each on its own shards: old log-probs, ref log-probs, values, rewards."""
@@ -135,7 +143,8 @@ class PPOTrainer:
         if self.roles.reward is not None:
             return self._sharded(self.roles.reward, "score", rollout.sequences)
         labels = [e.label for e in rollout.examples]
-        return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels)
+        metadata = [e.metadata or {} for e in rollout.examples]
+        return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels, metadata)
 
     def _sharded(self, group, method: str, seq: Sequences) -> torch.Tensor:
         return torch.cat(group.call_each(method, [(shard,) for shard in seq.shard(group.world_size)]))
@@ -165,7 +174,7 @@ class PPOTrainer:
 
     def rollout_stats(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
         mask = rollout.sequences.action_mask
-        ends_in_eos = ((rollout.sequences.responses == self.tokenizer.eos_token_id) & (mask == 1)).any(-1)
+        ends_in_eos = (is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
         return {"rollout/response_tokens": float(mask.sum(-1).float().mean()),
                 "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
                 "critic/return_mean": float(masked_mean(experience.returns, mask.float()))}

@@ -1,10 +1,12 @@
 """Suite-wide settings: a JIT-op cache shared by every test (DeepSpeed builds its CPU ops once per
-machine, not once per test), offline Hugging Face, and `gpu` tests skipped cleanly without CUDA."""
+machine, not once per test), offline Hugging Face, `gpu` tests skipped cleanly without CUDA, and
+the stock-chat-model checkpoints of `model_fixtures.py`, each built once per session."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -22,3 +24,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`chat_checkpoint("qwen2.5")` -> a local HF directory shaped like that family's stock
+    instruct model (see `model_fixtures.FAMILIES`), built on first use and shared by the session."""
+    from model_fixtures import FAMILIES, build_family
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in FAMILIES:
+            raise KeyError(f"no fixture family {name!r}; known: {sorted(FAMILIES)}")
+        if name not in built:
+            built[name] = build_family(name, tmp_path_factory.mktemp(name.replace(".", "_")))
+        return built[name]
+
+    return get

@@ -35,7 +35,7 @@ def _weights(model):
 
 def test_response_mask_stops_after_first_eos():
     ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 0, 0]])
-    assert response_mask(ids, eos_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert response_mask(ids, eos_ids=[2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
 def test_left_pad_right_aligns_prompts():

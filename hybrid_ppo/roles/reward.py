@@ -2,18 +2,33 @@
 
 A rule reward is named `package.module:function` in the config and is called as
 
-    function(prompts: list[str], responses: list[str], labels: list[str | None] | None) -> list[float]
+    function(prompts: list[str], responses: list[str], labels: list) -> list[float]
+    function(prompts, responses, labels, metadata: list[dict]) -> list[float]   # if it takes `metadata`
 
-with the decoded prompt and response texts (special tokens removed) and the dataset labels (None
-where the dataset has none). It must return one finite float per response. Anything else fails
-the step with an error that names the offending sample.
+* `prompts`: the text the model saw: the string from the data, or the rendered chat template for
+  a chat (so a chat prompt carries the template's markers).
+* `responses`: what the policy generated before its first stop token (any EOS id), decoded
+  without special tokens: a stop token never reaches the reward.
+* `labels`: the data's label field as it is (any JSON value; None where a row has none).
+* `metadata`: each row's other fields as a dict (empty for builtin data); passed only to a
+  function with a `metadata` parameter (or `**kwargs`), so 3-argument functions keep working.
+
+It must return one finite float per response. Anything else fails the step with an error that
+names the offending sample.
+
+A reward model is a local `AutoModelForSequenceClassification` (num_labels = 1) that shares the
+actor's tokenizer (checked at start: re-tokenizing between tokenizers is out of scope). It scores
+each sequence at its last real token, found from the attention mask.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
 import math
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +39,7 @@ from hybrid_ppo.roles.common import FrozenRole, to_device, torch_dtype
 from hybrid_ppo.roles.models import load_sequence_classifier
 
 RewardFn = Callable[..., Sequence[float]]
+log = logging.getLogger(__name__)
 
 
 class RewardError(RuntimeError):
@@ -48,10 +64,13 @@ class RuleReward:
 
     def __init__(self, spec: str):
         self.spec, self.fn = spec, load_reward_fn(spec)
+        self.takes_metadata = _accepts_keyword(self.fn, "metadata")
 
-    def __call__(self, prompts: list[str], responses: list[str], labels: list[str | None] | None) -> Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], labels: list[Any] | None,
+                 metadata: list[dict] | None = None) -> Tensor:
+        extra = {"metadata": metadata if metadata is not None else [{} for _ in responses]} if self.takes_metadata else {}
         try:
-            scores = list(self.fn(prompts, responses, labels))
+            scores = list(self.fn(prompts, responses, labels, **extra))
         except Exception as err:
             raise RewardError(f"reward function {self.spec} raised {type(err).__name__}: {err}") from err
         if len(scores) != len(responses):
@@ -61,6 +80,40 @@ class RuleReward:
                 raise RewardError(f"reward function {self.spec} returned {score!r} for sample {i} "
                                   f"(prompt {prompts[i]!r}, response {responses[i]!r}); expected a finite float")
         return torch.tensor(scores, dtype=torch.float32)
+
+
+def _accepts_keyword(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: call them the classic way
+        return False
+    return any(p.name == name or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+TOKENIZER_PROBES = ("Hello world! 1 + 2 = 3.", "  leading spaces\nand a newline", "ünïcödé 😀")
+
+
+def check_reward_tokenizer(actor_tokenizer, reward_path: str, texts: Sequence[str] = ()) -> None:
+    """Refuse a reward model whose tokenizer encodes text differently from the actor's: it scores
+    the actor's token ids as they are, and re-tokenizing between tokenizers is out of scope."""
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((Path(reward_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                      "tokenizer.model"))
+    if not has_tokenizer:
+        log.warning("reward model %s has no tokenizer files: assuming it shares the actor's tokenizer", reward_path)
+        return
+    reward_tokenizer = AutoTokenizer.from_pretrained(reward_path)
+    if len(reward_tokenizer) != len(actor_tokenizer):
+        raise ValueError(f"reward model {reward_path!r}: its tokenizer has {len(reward_tokenizer)} tokens, the "
+                         f"actor's {len(actor_tokenizer)}; a reward model must share the actor's tokenizer "
+                         "(re-tokenization is not supported)")
+    for text in (*TOKENIZER_PROBES, *texts):
+        ours, theirs = (t(text, add_special_tokens=False)["input_ids"] for t in (actor_tokenizer, reward_tokenizer))
+        if ours != theirs:
+            raise ValueError(f"reward model {reward_path!r}: its tokenizer encodes {text[:60]!r} as {theirs[:8]}..., "
+                             f"the actor's as {ours[:8]}...; a reward model must share the actor's tokenizer "
+                             "(re-tokenization is not supported)")
 
 
 class RewardModel(FrozenRole):
@@ -75,12 +128,27 @@ class RewardModel(FrozenRole):
         out = []
         for c in seq.chunks(self.cfg.train.micro_batch_size):
             c = to_device(c, self.device)
-            # transformers pools at each row's last non-pad token, so right-padded responses are fine.
-            logits = self.model(input_ids=c.tokens, attention_mask=c.attention_mask,
-                                position_ids=position_ids(c.attention_mask)).logits  # [b, 1]
-            out.append(logits[:, 0].float().cpu())
+            out.append(score_last_token(self.model, c).float().cpu())
         scores = torch.cat(out)
         bad = (~torch.isfinite(scores)).nonzero()
         if len(bad):
             raise RewardError(f"reward model returned a non-finite score for sample {int(bad[0, 0])}")
         return scores
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """[B] column of each row's last real token: the last 1 of the attention mask. Prompts are
+    left-padded and responses right-padded, so a pad id cannot say where a row ends (and when
+    pad == EOS, looking for it would stop at the response's own EOS or miss the end)."""
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def score_last_token(model, seq: Sequences) -> Tensor:
+    """[B] the classifier's score at each row's last real token. The backbone and the `score`
+    head run separately: transformers' own pooling looks for `pad_token_id`."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=seq.tokens, attention_mask=seq.attention_mask,
+                      position_ids=position_ids(seq.attention_mask)).last_hidden_state  # [B, T, H]
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(seq.attention_mask)]
+    return model.score(last)[:, 0]  # [B]

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Generation:
     response_ids: Tensor  # [B, R] int64, R = max_new_tokens, right-padded with the pad id
-    response_mask: Tensor  # [B, R] 1 on generated tokens up to and including the first EOS
+    response_mask: Tensor  # [B, R] 1 on generated tokens up to and including the first EOS (any EOS id)
 
 
 class RolloutEngine(Protocol):
@@ -56,11 +56,17 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def response_mask(response_ids: Tensor, eos_id: int) -> Tensor:
-    """[B, R] 1 up to and including each row's first EOS; all ones for a row that never ends."""
-    is_eos = (response_ids == eos_id).long()
+def response_mask(response_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """[B, R] 1 up to and including each row's first stop token (the first of any of `eos_ids`);
+    all ones for a row that never ends."""
+    is_eos = is_stop(response_ids, eos_ids).long()
     eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before position t
     return (eos_before == 0).long()
+
+
+def is_stop(token_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """Boolean tensor: which tokens are one of the end-of-response ids."""
+    return torch.isin(token_ids, torch.tensor(list(eos_ids), dtype=token_ids.dtype, device=token_ids.device))
 
 
 def pad_responses(rows: Tensor, width: int, pad_id: int) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hybrid_ppo.rollout.engine import Generation, SamplingParams, check_wake_tags, left_pad, pad_responses, response_mask
+from hybrid_ppo.special_tokens import resolve_special_tokens
 
 
 class HFEngine:
@@ -24,9 +25,7 @@ class HFEngine:
         config = AutoConfig.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
-        self.device, self.eos_id, self.pad_id = device, config.eos_token_id, config.pad_token_id
-        if self.eos_id is None or self.pad_id is None:
-            raise ValueError(f"model at {model_path!r} needs eos_token_id and pad_token_id in its config")
+        self.device, self.special = device, resolve_special_tokens(model_path)
         self.awake = {"weights", "kv_cache"}
         self._host: dict[str, Tensor] = {}  # level-1 sleep keeps weights here
         self._shapes = {name: p.shape for name, p in self._params().items()}
@@ -46,15 +45,16 @@ class HFEngine:
         if not prompt_token_ids:  # an engine with no share of a small batch
             empty = torch.empty(0, sampling.max_new_tokens, dtype=torch.long)
             return Generation(empty, empty.clone())
-        ids, attention = left_pad(prompt_token_ids, self.pad_id)
+        pad_id, eos_ids = self.special.pad_id, list(self.special.eos_ids)
+        ids, attention = left_pad(prompt_token_ids, pad_id)
         width = ids.shape[1]
         knobs = {"do_sample": False} if sampling.greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
-                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id,
-                                  pad_token_id=self.pad_id, **knobs)
-        responses = pad_responses(out[:, width:].cpu(), sampling.max_new_tokens, self.pad_id)
-        return Generation(responses, response_mask(responses, self.eos_id))
+                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_ids,
+                                  pad_token_id=pad_id, **knobs)
+        responses = pad_responses(out[:, width:].cpu(), sampling.max_new_tokens, pad_id)
+        return Generation(responses, response_mask(responses, eos_ids))
 
     def sleep(self, level: int) -> None:
         if level not in (1, 2):

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from hybrid_ppo.config import Config, DType
 from hybrid_ppo.rollout.engine import WAKE_TAGS, Generation, SamplingParams, check_wake_tags, response_mask
+from hybrid_ppo.special_tokens import resolve_special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ class VLLMEngine:
         from vllm import LLM
 
         config, self._shapes = _hf_parameter_shapes(model_path)
-        self.eos_id, self.pad_id = config.eos_token_id, config.pad_token_id
-        if self.eos_id is None or self.pad_id is None:
-            raise ValueError(f"model at {model_path!r} needs eos_token_id and pad_token_id in its config")
+        self.special = resolve_special_tokens(model_path)
         self.sleep_mode = torch.cuda.is_available()
         self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.train.seed,
                        dtype=VLLM_DTYPES[cfg.model.dtype], **_placement_kwargs(cfg, self.sleep_mode))
@@ -71,16 +70,16 @@ class VLLMEngine:
 
         knobs = {"temperature": 0.0} if sampling.greedy else {
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        params = VLLMSampling(n=1, max_tokens=sampling.max_new_tokens, stop_token_ids=[self.eos_id],
-                              detokenize=False, **knobs)
+        params = VLLMSampling(n=1, max_tokens=sampling.max_new_tokens, detokenize=False,
+                              stop_token_ids=list(self.special.eos_ids), ignore_eos=False, **knobs)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids],
                                     params, use_tqdm=False)
         # vLLM's token_ids end with the EOS that stopped them, as HF's do; pad after it.
-        responses = torch.full((len(outputs), sampling.max_new_tokens), self.pad_id, dtype=torch.long)
+        responses = torch.full((len(outputs), sampling.max_new_tokens), self.special.pad_id, dtype=torch.long)
         for row, output in enumerate(outputs):
             tokens = list(output.outputs[0].token_ids)[:sampling.max_new_tokens]
             responses[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return Generation(responses, response_mask(responses, self.eos_id))
+        return Generation(responses, response_mask(responses, self.special.eos_ids))
 
     def sleep(self, level: int) -> None:
         if level not in (1, 2):

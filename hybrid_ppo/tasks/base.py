@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Example(NamedTuple):
-    prompt: str
-    """Prompt text, without special tokens; the tokenizer adds `<bos>`."""
-    label: str | None = None
-    """The reference answer a rule reward compares with; None when the prompt source has none."""
+    prompt: str | list
+    """Prompt text; or, straight from a data file and before rendering, a chat (a list of
+    {"role", "content"} messages). `hybrid_ppo.data.render_examples` turns chats into text."""
+    label: Any = None
+    """The reference answer a rule reward compares with (any JSON value, as the data has it); None
+    when the prompt source has none."""
+    metadata: dict | None = None
+    """The data row's other fields, handed to a reward function that takes `metadata`."""
+    templated: bool = False
+    """True when `prompt` is a rendered chat template: it already holds its special tokens (BOS
+    included), so it is tokenized without adding any. False: the tokenizer adds its own, as for
+    any plain text."""
+    source: str = ""
+    """Where the example came from (`file:line`, or `dir[row]`), for error messages."""
