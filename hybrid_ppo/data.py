@@ -116,7 +116,7 @@ def _dataset_rows(path: Path) -> Iterable[dict]:
     import datasets
 
     try:
-        if path.is_file() or not any(path.glob(n) for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if path.is_file() or not any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
             files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
             if not files:
                 raise DataError(f"{path}: neither a `datasets` directory (save_to_disk) nor a folder of parquet files")

@@ -126,6 +126,17 @@ def _trained_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return model["vocab"], merges
 
 
+def _letters(number: int) -> str:
+    """12 -> 'am': filler names without digits, so a random policy's filler text never looks
+    like a digit answer to a rule reward."""
+    out = ""
+    while True:
+        number, digit = divmod(number, 26)
+        out = "abcdefghijklmnopqrstuvwxyz"[digit] + out
+        if number == 0:
+            return out
+
+
 def build_tokenizer(family: Family):
     """A PreTrainedTokenizerFast with the family's special tokens at their real ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -136,7 +147,7 @@ def build_tokenizer(family: Family):
     vocab.update({token: i for i, token in family.specials.items()})
     used = set(vocab.values())
     # Filler entries no text encodes to: they hold the real ids of the special tokens in place.
-    vocab.update({f"<|filler_{i}|>": i for i in range(family.tokenizer_length) if i not in used})
+    vocab.update({f"<|filler_{_letters(i)}|>": i for i in range(family.tokenizer_length) if i not in used})
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()

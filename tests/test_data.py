@@ -165,7 +165,7 @@ def test_datasets_directory_and_parquet_read_like_jsonl(tmp_path: Path, chat_che
     prepared = prepare_prompts(_chat_cfg(tmp_path / "chats"), _tokenizer(chat_checkpoint, "qwen2.5"))
     assert [e.prompt.startswith("<|im_start|>") for e in prepared.train] == [True, True]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"empty: neither a `datasets` directory nor a folder of parquet files"):
+    with pytest.raises(DataError, match=r"empty: neither a `datasets` directory \(save_to_disk\) nor a folder of parquet files"):
         load_prompts(str(tmp_path / "empty"), "train", Config())
 
 

@@ -61,3 +61,74 @@ def test_a_missing_model_directory_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_causal_lm(str(tmp_path / "nope"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def qwen_reward_model(chat_checkpoint, tmp_path_factory):
+    """A reward model shaped like one trained from Qwen2.5-Instruct: its tokenizer, no
+    pad_token_id in the config, a `score` head with num_labels = 1."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    base = chat_checkpoint("qwen2.5")
+    config = AutoConfig.from_pretrained(base, num_labels=1)
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    path = tmp_path_factory.mktemp("qwen_rm")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return str(path), model
+
+
+def test_reward_model_picks_the_last_real_token_when_pad_is_eos(qwen_reward_model):
+    from hybrid_ppo.roles.reward import last_token_index, score_last_token
+
+    path, model = qwen_reward_model
+    eos = 151643  # Qwen's <|endoftext|>: a stop token in generation_config and the tokenizer's pad
+    prompt_a, prompt_b = [11, 12, 13], [14, 15]
+    response_a, response_b = [21, eos], [22, 23, 24, eos]  # both end in the EOS that is also the pad
+    tokens = torch.tensor([[*prompt_a, *response_a, eos, eos], [eos, *prompt_b, *response_b]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]])
+    assert last_token_index(attention).tolist() == [4, 6]
+    seq = Sequences(tokens, attention, attention[:, 3:])
+    with torch.no_grad():
+        scores = score_last_token(model, seq)
+        alone = [model(input_ids=torch.tensor([prompt_a + response_a])).logits[0, 0],
+                 model(input_ids=torch.tensor([prompt_b + response_b])).logits[0, 0]]
+    torch.testing.assert_close(scores, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_must_share_the_actors_tokenizer(qwen_reward_model, chat_checkpoint):
+    from transformers import AutoTokenizer
+
+    from hybrid_ppo.roles.reward import check_reward_tokenizer
+
+    path, _ = qwen_reward_model
+    check_reward_tokenizer(AutoTokenizer.from_pretrained(chat_checkpoint("qwen2.5")), path, ["Hello!"])
+    with pytest.raises(ValueError, match=r"reward model .* tokenizer has 151665 tokens, the actor's 128256.*"
+                                         r"re-tokenization is not supported"):
+        check_reward_tokenizer(AutoTokenizer.from_pretrained(chat_checkpoint("llama3")), path)
+
+
+def test_critic_from_a_reward_model_keeps_its_score_head(qwen_reward_model, chat_checkpoint, caplog):
+    from hybrid_ppo.roles.models import ValueModel
+
+    path, model = qwen_reward_model
+    with caplog.at_level("INFO", logger="hybrid_ppo.roles.models"):
+        critic = ValueModel(path, torch.float32)
+    assert "value head = the reward model's trained `score` head" in caplog.text
+    torch.testing.assert_close(critic.value_head.weight, model.score.weight)
+    assert float(critic.value_head.bias.detach()) == 0.0
+    # the critic's value at a sequence's last token is the reward model's score of that sequence
+    tokens = torch.tensor([[11, 12, 13, 21, 22]])
+    seq = Sequences(tokens, torch.ones_like(tokens), torch.ones(1, 2, dtype=torch.long))
+    with torch.no_grad():
+        hidden = critic.backbone(input_ids=tokens).last_hidden_state
+        torch.testing.assert_close(critic.value_head(hidden[:, -1])[:, 0], model(input_ids=tokens).logits[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+        assert critic(seq).shape == (1, 2)
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hybrid_ppo.roles.models"):
+        fresh = ValueModel(str(chat_checkpoint("qwen2.5")), torch.float32)
+    assert "fresh value head" in caplog.text
+    assert float(fresh.value_head.weight.abs().max()) < 0.2 and fresh.value_head.weight.shape == (1, 64)

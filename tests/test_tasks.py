@@ -161,3 +161,18 @@ def test_unknown_builtin_model_names_the_known_ones(tmp_path: Path) -> None:
 
 def test_example_is_a_prompt_and_optional_label() -> None:
     assert Example("max 1 =") == Example(prompt="max 1 =", label=None)
+
+
+def test_rule_reward_gets_metadata_only_when_it_asks_for_it():
+    from hybrid_ppo.roles.reward import RuleReward
+
+    classic = RuleReward("hybrid_ppo.tasks.max_digit:reward")  # the builtin 3-argument reward
+    assert not classic.takes_metadata
+    assert classic(["max 1 9 ="], ["9"], ["9"], [{"id": 1}]).tolist() == [1.0]
+    with_metadata = RuleReward("test_tasks:_reward_from_metadata")
+    assert with_metadata.takes_metadata
+    assert with_metadata(["p", "q"], ["a", "b"], [None, None], [{"bonus": 2.0}, {}]).tolist() == [2.0, 0.0]
+
+
+def _reward_from_metadata(prompts, responses, labels, metadata):
+    return [float(m.get("bonus", 0.0)) for m in metadata]
