@@ -97,12 +97,7 @@ class PPOTrainer:
         return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask))
 
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-        """Text before the first stop token (any EOS id), without special tokens, as the reward
-        contract says. An id past the tokenizer (padded vocab rows) has no text and decodes to ''."""
-        lengths = response_mask.sum(-1).tolist()
-        rows = [ids[:n].tolist() for ids, n in zip(response_ids, lengths)]
-        rows = [r[:-1] if r and r[-1] in self.special.eos_ids else r for r in rows]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return decode_responses(self.tokenizer, self.special, response_ids, response_mask)
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """One model at a time, each on its own shards: old log-probs, ref log-probs, values, rewards."""
@@ -190,6 +185,16 @@ class PPOTrainer:
             self._metrics[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
             for field, gib in peak_memory(moves).items():
                 self._metrics[f"memory/{phase.value}/{field}"] = gib
+
+
+def decode_responses(tokenizer, special: SpecialTokens, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor) -> list[str]:
+    """Text before the first stop token (any EOS id), without special tokens, as the reward
+    contract says. An id past the tokenizer (padded vocab rows) has no text and decodes to ''."""
+    lengths = response_mask.sum(-1).tolist()
+    rows = [ids[:n].tolist() for ids, n in zip(response_ids, lengths)]
+    rows = [r[:-1] if r and r[-1] in special.eos_ids else r for r in rows]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def _split_list(items: list, parts: int) -> list[list]:

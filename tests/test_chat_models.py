@@ -125,3 +125,18 @@ def test_a_sampled_id_past_the_tokenizer_is_a_token_without_text(chat_checkpoint
     out = _engine(path, model).generate([tokenizer("Hello")["input_ids"]], GREEDY)
     assert out.response_ids[0].tolist() == [past] * GREEDY.max_new_tokens and out.response_mask.all()
     assert tokenizer.decode(out.response_ids[0], skip_special_tokens=True) == ""
+
+
+def test_decoded_responses_end_before_any_stop_token_without_special_tokens(chat_checkpoint):
+    from transformers import AutoTokenizer
+
+    from hybrid_ppo.trainer import decode_responses
+
+    path = chat_checkpoint("llama3")
+    tokenizer, special = AutoTokenizer.from_pretrained(path), resolve_special_tokens(path)
+    hello = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    header = tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    rows = [[*hello, 128009, 128001, 5], [*hello, header, 128008, 7, 7], [*hello, 128000, 9, 9, 9]]
+    ids = torch.tensor([r[:5] + [special.pad_id] * (5 - len(r[:5])) for r in rows])
+    texts = decode_responses(tokenizer, special, ids, response_mask(ids, special.eos_ids))
+    assert texts[0] == texts[1] == "Hello" and texts[2].startswith("Hello") and "<|" not in texts[2]

@@ -30,13 +30,13 @@ ROWS = [{"prompt": [{"role": "system", "content": "Answer with one digit."},
          "label": [str(max(a, b)), "nine"], "row": i} for i, (a, b) in enumerate([(3, 7), (9, 1), (4, 2), (5, 8)])]
 
 
-def _config(tmp_path, name: str, prompts: str, run: str):
+def _config(tmp_path, actor, train_data, eval_data, run: str, *overrides: str):
     return load_config(None, [
-        f"model.actor={prompts[0]}", f"data.prompts={prompts[1]}", f"data.eval_prompts={prompts[1]}",
+        f"model.actor={actor}", f"data.prompts={train_data}", f"data.eval_prompts={eval_data}",
         "model.reward_fn=test_chat_train:chat_reward", "data.max_prompt_tokens=96", "data.eval_size=4",
         "train.iterations=2", "train.rollout_batch_size=4", "train.mini_batch_size=4", "train.micro_batch_size=2",
         "train.ppo_epochs=1", "rollout.max_new_tokens=6", "logging.samples_per_iteration=3",
-        f"logging.output_dir={tmp_path}", f"logging.run_name={run}", "logging.tensorboard=false"])
+        f"logging.output_dir={tmp_path}", f"logging.run_name={run}", "logging.tensorboard=false", *overrides])
 
 
 def _check_run(result, family: str) -> list[dict]:
@@ -51,31 +51,42 @@ def _check_run(result, family: str) -> list[dict]:
     for s in samples:  # the rendered chat template, BOS once (the template's own)
         assert "Answer with one digit." in s["prompt"] and isinstance(s["label"], list)
         assert bos is None or s["prompt"].count(bos) == 1
-    assert {tuple(m["row"] for m in call["metadata"]) for call in SEEN} != set()
-    assert all(isinstance(call["labels"][0], list) for call in SEEN)
+    assert len(SEEN) == 4  # eval before, 2 iterations, eval after
+    assert all(sorted(m["row"] for m in call["metadata"]) == [0, 1, 2, 3] for call in SEEN)
+    assert all(call["labels"][0][1] == "nine" for call in SEEN)  # a list label arrives as a list
+    assert (result.run_dir / "checkpoint" / "tokenizer_config.json").exists()
     return steps
 
 
-@pytest.mark.slow
-def test_qwen_chat_jsonl_two_iterations_under_ray(tmp_path, chat_checkpoint):
-    from hybrid_ppo.launch import train
-
-    SEEN.clear()
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    result = train(_config(tmp_path, "qwen2.5", (chat_checkpoint("qwen2.5"), data), "qwen"))
-    steps = _check_run(result, "qwen2.5")
-    print(f"\nqwen2.5 chat fixture under Ray: iteration seconds "
-          f"{[round(sum(v for k, v in s.items() if k.startswith('time/') and not k.endswith('_moves')), 2) for s in steps]}")
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.mark.slow
-def test_llama3_datasets_directory_two_iterations_under_ray(tmp_path, chat_checkpoint):
+def test_qwen_chat_from_a_datasets_directory_and_jsonl_under_ray(tmp_path, chat_checkpoint):
+    """Trains on a `datasets` directory (save_to_disk), evaluates on a chat JSONL: both readers in one run."""
     import datasets
 
     from hybrid_ppo.launch import train
 
     SEEN.clear()
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
-    result = train(_config(tmp_path, "llama3", (chat_checkpoint("llama3"), tmp_path / "ds"), "llama"))
+    eval_data = _write_jsonl(tmp_path / "eval.jsonl", ROWS)
+    result = train(_config(tmp_path, chat_checkpoint("qwen2.5"), tmp_path / "ds", eval_data, "qwen"))
+    steps = _check_run(result, "qwen2.5")
+    seconds = [round(sum(v for k, v in s.items() if k.startswith("time/") and not k.endswith("_moves")), 2)
+               for s in steps]
+    print(f"\nqwen2.5 chat fixture under Ray (2 fake GPUs): seconds per iteration {seconds}, run {result.seconds:.1f}s")
+
+
+@pytest.mark.slow
+def test_llama3_chat_jsonl_in_one_process(tmp_path, chat_checkpoint):
+    """No pad token anywhere, three EOS ids, a template that writes BOS: the local executor."""
+    from hybrid_ppo.launch import train
+
+    SEEN.clear()
+    data = _write_jsonl(tmp_path / "chat.jsonl", ROWS)
+    result = train(_config(tmp_path, chat_checkpoint("llama3"), data, data, "llama",
+                           "placement.executor=local", "placement.num_gpus=1"))
     _check_run(result, "llama3")
