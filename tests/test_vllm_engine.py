@@ -130,7 +130,7 @@ def test_sampled_output_has_the_same_layout(setup):
     out = engine.generate(prompts * 4, sampling)
     eos, pad = setup.models[0].config.eos_token_id, setup.models[0].config.pad_token_id
     assert out.response_ids.shape == out.response_mask.shape == (4 * len(prompts), 6)
-    assert torch.equal(out.response_mask, response_mask(out.response_ids, eos))
+    assert torch.equal(out.response_mask, response_mask(out.response_ids, [eos]))
     assert (out.response_ids[out.response_mask == 0] == pad).all()
 
 

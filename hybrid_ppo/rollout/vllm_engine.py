@@ -55,6 +55,7 @@ class VLLMEngine:
 
         config, self._shapes = _hf_parameter_shapes(model_path)
         self.special = resolve_special_tokens(model_path)
+        self._tied = bool(getattr(config, "tie_word_embeddings", False))
         self.sleep_mode = torch.cuda.is_available()
         self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.train.seed,
                        dtype=VLLM_DTYPES[cfg.model.dtype], **_placement_kwargs(cfg, self.sleep_mode))
@@ -120,6 +121,8 @@ class VLLMEngine:
     def _apply(self, weights: dict[str, Tensor]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=list(weights.items()),
                                                               is_checkpoint_format=True))
+        if self._tied:
+            self.llm.collective_rpc(_refresh_tied_output_head)
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def _check_ready(self) -> None:
@@ -134,6 +137,22 @@ class VLLMEngine:
         if not self.sleep_mode and not self._warned_no_sleep:
             logger.warning("vLLM sleep mode needs CUDA: on CPU sleep()/wake_up() track state but free no memory")
             self._warned_no_sleep = True
+
+
+def _refresh_tied_output_head(worker) -> None:
+    """Runs in each vLLM worker after `reload_weights`, for tied-embedding models (Qwen2.5 and
+    Qwen3 small). vLLM 0.32's layer-wise reload sees `lm_head` as a layer of its own that got no
+    weights (they arrive as `embed_tokens`), so it skips the head's post-load processing. On CPU
+    that processing packs the head's weight into the oneDNN handle the logits are computed with:
+    the weight tensor is the new, shared one, but the logits still come from the old dummy copy
+    (greedy tokens then differ from HF's; tests/test_vllm_chat_models.py). Repack it. On CUDA the
+    head multiplies with its weight tensor directly, so there is nothing to refresh."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(worker.get_model().lm_head, remove_weight=False)
 
 
 def _hf_parameter_shapes(model_path: str) -> tuple[object, dict[str, torch.Size]]:
