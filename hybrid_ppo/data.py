@@ -123,6 +123,8 @@ class PromptBatches:
         """Epochs started so far (the epoch the last batch ended in, counting from 1)."""
         self._rng = random.Random(f"prompt-batches/{seed}")
         self._order: list[int] = []
+        self.drawn = 0
+        """Batches returned so far: the whole position (the order is a function of the seed)."""
 
     def __iter__(self) -> Iterator[list[Example]]:
         return self
@@ -137,4 +139,16 @@ class PromptBatches:
             take = self._order[: self.batch_size - len(batch)]
             del self._order[: len(take)]
             batch.extend(self.examples[i] for i in take)
+        self.drawn += 1
         return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where a checkpointed iterator stopped, by replaying its draws from the seed
+        (index shuffles only: cheap even for long runs)."""
+        if self.drawn:
+            raise RuntimeError("PromptBatches.load_state_dict on an iterator that was already used")
+        for _ in range(state["batches_drawn"]):
+            next(self)

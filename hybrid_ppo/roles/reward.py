@@ -5,14 +5,16 @@ A rule reward is named `package.module:function` in the config and is called as
     function(prompts: list[str], responses: list[str], labels: list[str | None] | None) -> list[float]
 
 with the decoded prompt and response texts (special tokens removed) and the dataset labels (None
-where the dataset has none). It must return one finite float per response. Anything else fails
-the step with an error that names the offending sample.
+where the dataset has none). It must return one finite float per response within
+`model.reward_timeout_s` seconds. Anything else fails the step with an error that names the
+offending sample, or the function.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -46,14 +48,11 @@ def load_reward_fn(spec: str) -> RewardFn:
 class RuleReward:
     """A rule reward function, checked on every call."""
 
-    def __init__(self, spec: str):
-        self.spec, self.fn = spec, load_reward_fn(spec)
+    def __init__(self, spec: str, timeout_s: float = 300.0):
+        self.spec, self.fn, self.timeout_s = spec, load_reward_fn(spec), timeout_s
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list[str | None] | None) -> Tensor:
-        try:
-            scores = list(self.fn(prompts, responses, labels))
-        except Exception as err:
-            raise RewardError(f"reward function {self.spec} raised {type(err).__name__}: {err}") from err
+        scores = self._call_with_timeout(prompts, responses, labels)
         if len(scores) != len(responses):
             raise RewardError(f"reward function {self.spec} returned {len(scores)} scores for {len(responses)} responses")
         for i, score in enumerate(scores):
@@ -61,6 +60,28 @@ class RuleReward:
                 raise RewardError(f"reward function {self.spec} returned {score!r} for sample {i} "
                                   f"(prompt {prompts[i]!r}, response {responses[i]!r}); expected a finite float")
         return torch.tensor(scores, dtype=torch.float32)
+
+    def _call_with_timeout(self, *args) -> list:
+        """Run the user's function in a daemon thread. A thread cannot be killed, so a hung call is
+        left behind; the run fails anyway, and a daemon thread does not hold the process open."""
+        outcome: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                outcome["scores"] = list(self.fn(*args))
+            except Exception as err:  # re-raised in the caller's thread, with its sample context
+                outcome["error"] = err
+
+        thread = threading.Thread(target=target, name=f"reward {self.spec}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise RewardError(f"reward function {self.spec} did not return within model.reward_timeout_s = "
+                              f"{self.timeout_s:g} s ({len(args[1])} responses)")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise RewardError(f"reward function {self.spec} raised {type(err).__name__}: {err}") from err
+        return outcome["scores"]  # type: ignore[return-value]
 
 
 class RewardModel(FrozenRole):
