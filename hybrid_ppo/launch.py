@@ -157,20 +157,21 @@ class Inputs:
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    """Models, tokenizer, prompts (every one encoded once, so a too-long prompt fails now, not
-    mid-run) and the reward function. Bad input raises here and leaves nothing behind."""
+    """Reward function, placement, prompts, then models and tokenizer (the slow part: warming the
+    builtin model up), then every prompt encoded once (a too-long prompt fails now, not mid-run).
+    Bad input raises here and leaves nothing behind."""
     from transformers import AutoTokenizer
 
     from hybrid_ppo.data import encode_prompts, eval_prompts, train_prompts
     from hybrid_ppo.placement import make_plan
 
-    paths = resolve_models(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
-    train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
-    prompts = sorted({e.prompt for e in (*train_examples, *eval_examples)})
-    token_ids = dict(zip(prompts, encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)))
     rule_reward = RuleReward(cfg.model.reward_fn, cfg.model.reward_timeout_s) if cfg.model.reward_fn else None
     make_plan(cfg)  # an infeasible placement fails here, not after the run directory exists
+    train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
+    paths = resolve_models(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
+    prompts = sorted({e.prompt for e in (*train_examples, *eval_examples)})
+    token_ids = dict(zip(prompts, encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)))
     return Inputs(paths, tokenizer, token_ids, train_examples, eval_examples, rule_reward)
 
 
