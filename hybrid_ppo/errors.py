@@ -35,12 +35,15 @@ def one_line(err: BaseException) -> tuple[str, int]:
         where = f"role '{err.role}' rank {err.rank}" + (f", phase {err.phase}" if err.phase else "")
         cause = err.cause
         message = f"{_text(cause)} ({where})"
+    elif isinstance(err, KeyboardInterrupt):
+        cause, message = err, "interrupted (Ctrl-C) before the run started"
     else:
         cause, message = err, _text(err)
     if not isinstance(cause, USER_ERRORS) or isinstance(cause, NotImplementedError):
         message = f"internal error, please report it: {type(cause).__name__}: {message}"
     if run_dir is not None:
-        message += f"; traceback in {run_dir / 'train.log'}"
+        if not isinstance(err, Interrupted):  # a requested stop is no failure to debug
+            message += f"; traceback in {run_dir / 'train.log'}"
         if checkpoint is not None:
             message += f"; `hybrid-ppo resume {run_dir}` continues from {checkpoint.name}"
         elif isinstance(err, (RoleError, Interrupted)):

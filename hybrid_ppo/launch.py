@@ -250,8 +250,8 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None
                             resume_after=read_state(checkpoint)["iteration"] if checkpoint else None)
     executor = make_executor(cfg)
     try:
-        with stop.installed():
-            executor.start()
+        executor.start()
+        with stop.installed():  # after ray.init, which puts its own SIGTERM handler (sys.exit) in place
             roles = build_roles(executor, cfg, scheduler, inputs.paths, metrics)
             trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
                                  lambda prompts: [inputs.token_ids[p] for p in prompts],
@@ -279,7 +279,7 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
         log.info("held-out %s (greedy) before PPO: %.3f", EVAL_METRIC, before)
         metrics.log(0, {EVAL_METRIC: before})
     else:
-        before = next(r[EVAL_METRIC] for r in read_metrics(metrics.path) if EVAL_METRIC in r)
+        before = next((r[EVAL_METRIC] for r in read_metrics(metrics.path) if EVAL_METRIC in r), float("nan"))
     saved = first if first else None
     with iteration_progress(cfg.train.iterations, first) as advance:
         for it in range(first, cfg.train.iterations):

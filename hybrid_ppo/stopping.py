@@ -25,9 +25,8 @@ class Interrupted(Exception):
     def __init__(self, signum: int, iteration: int | None, checkpoint: Path | None):
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
         name = signal.Signals(signum).name
-        where = "during start-up" if iteration is None else f"after iteration {iteration}"
-        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (train.save_every = 0)"
-        super().__init__(f"stopped by {name} {where}; {saved}")
+        where = "in the middle of an iteration" if iteration is None else f"after iteration {iteration}"
+        super().__init__(f"stopped by {name} {where}")  # the CLI adds where to continue from
 
 
 class StopRequest:

@@ -118,6 +118,13 @@ def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return ""
+
+
 @pytest.mark.slow
 def test_ray_run_survives_a_dead_role_and_sigterm(tmp_path, cache):
     """Under Ray: kill a critic rank after the first checkpoint (one line, exit within 60 s,
@@ -132,7 +139,7 @@ def test_ray_run_survives_a_dead_role_and_sigterm(tmp_path, cache):
 
     proc = cli("train", *common, "logging.run_name=crashy")
     wait_for(lambda: saved_iteration(run_dir), proc, poll=0.01)
-    critic = next(p for p in descendants(proc.pid) if "Critic" in " ".join(p.cmdline()))
+    critic = next(p for p in descendants(proc.pid) if "Critic" in command_line(p))
     critic.kill()  # SIGKILL, by pid: the process this test started
     start = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
@@ -151,7 +158,7 @@ def test_ray_run_survives_a_dead_role_and_sigterm(tmp_path, cache):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr and "hybrid-ppo: stopped by SIGTERM after iteration" in stderr
     _, alive = psutil.wait_procs(ray_processes, timeout=30)
-    assert not alive, [p.cmdline() for p in alive]
+    assert not alive, [command_line(p) for p in alive]
     assert saved_iteration(run_dir) > first  # the stop wrote its own checkpoint
 
     resume(run_dir, [])

@@ -81,7 +81,9 @@ class TrainedRole(ResidentRole):
 
         One all-reduce of a flag (a sync point). A rank that raised on its own would leave the
         others waiting in the step's collectives. A skipped micro-batch never reaches DeepSpeed,
-        so with gradient accumulation the step takes the next micro-batch in its place.
+        so with gradient accumulation the step takes the next micro-batch in its place; a skip in
+        the last step of a train() call leaves that step short, and it completes with the first
+        micro-batch of the next call (known limitation; exact when no accumulation is configured).
         """
         flag = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=self.device)
         torch_dist.all_reduce(flag)
