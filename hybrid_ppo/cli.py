@@ -1,6 +1,8 @@
 """hybrid-ppo train | plan  [CONFIG.yaml] [section.key=value ...]
+hybrid-ppo resume RUN_DIR [section.key=value ...]
 
-With no CONFIG, configs/tiny-cpu.yaml: a tiny model trained on CPU end to end.
+With no CONFIG, configs/tiny-cpu.yaml: a tiny model trained on CPU end to end. `resume` continues
+a run from its latest checkpoint (train.save_every > 0).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import dataclasses
 import sys
 from enum import Enum
 
-from hybrid_ppo.config import Config, ConfigError, load_config
-from hybrid_ppo.placement import PlacementError
+import traceback
+
+from hybrid_ppo.config import Config, load_config
+from hybrid_ppo.errors import is_internal, one_line
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -56,6 +60,17 @@ def cmd_train(cfg: Config) -> int:
     return 0
 
 
+def cmd_resume(args: list[str]) -> int:
+    from hybrid_ppo.launch import resume
+
+    if not args or "=" in args[0]:
+        raise ValueError("resume needs the run directory: hybrid-ppo resume RUN_DIR [section.key=value ...]")
+    result = resume(args[0], args[1:])
+    print(f"held-out accuracy: before PPO {result.eval_before:.3f} -> after PPO {result.eval_after:.3f}")
+    print(f"run directory: {result.run_dir}  ({result.seconds:.0f}s)")
+    return 0
+
+
 def cmd_plan(cfg: Config) -> int:
     from hybrid_ppo.memory.plan import PHASE_PLAN, Role, describe, resident_everything
     from hybrid_ppo.placement import make_plan
@@ -74,16 +89,21 @@ COMMANDS = {"train": cmd_train, "plan": cmd_plan}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hybrid-ppo", description=__doc__, epilog=_field_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="train", choices=sorted(COMMANDS))
+    parser.add_argument("command", nargs="?", default="train", choices=sorted([*COMMANDS, "resume"]))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG.yaml] [section.key=value ...]")
     ns = parser.parse_args(argv)
-    path, overrides = _split_args(ns.args)
     try:
+        if ns.command == "resume":
+            return cmd_resume(ns.args)
+        path, overrides = _split_args(ns.args)
         cfg = load_config(path, overrides)
         return COMMANDS[ns.command](cfg)
-    except (ConfigError, PlacementError) as err:
-        print(f"hybrid-ppo: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # the one error boundary (hybrid_ppo/errors.py)
+        if is_internal(err):  # a bug, and no train.log holds its traceback: show it
+            traceback.print_exception(err, file=sys.stderr)
+        message, code = one_line(err)
+        print(f"hybrid-ppo: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

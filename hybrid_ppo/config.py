@@ -93,8 +93,11 @@ class ModelConfig(_Section):
     """Parameter and compute dtype of every role: fp32 or bf16."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward for the actor and critic (saves memory, costs ~30% time)."""
+    reward_timeout_s: float = 300.0
+    """A rule reward call that takes longer than this (seconds) fails the step, naming the function."""
 
     def __post_init__(self) -> None:
+        self._positive("reward_timeout_s")
         has_rm, has_fn = self.reward_model is not None, self.reward_fn is not None
         self._require(has_rm != has_fn, "reward_fn", "exactly one of model.reward_model / model.reward_fn set")
         if has_fn:
@@ -199,8 +202,16 @@ class TrainConfig(_Section):
     """DeepSpeed ZeRO stage for actor and critic: 2 or 3."""
     seed: int = 0
     """Seeds the warm-up, data order, sampling and model init."""
+    save_every: int = 0
+    """Write a resumable checkpoint every this many iterations (and at the end, and on SIGTERM); 0 disables."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept under RUN_DIR/checkpoints; older ones are deleted once a new one is complete."""
+    max_skipped_steps: int = 10
+    """Stop the run after this many optimizer steps in a row skipped for a non-finite loss."""
 
     def __post_init__(self) -> None:
+        self._require(self.save_every >= 0, "save_every", "an integer >= 0 (0 disables)")
+        self._positive("keep_checkpoints", "max_skipped_steps")
         self._positive("iterations", "rollout_batch_size", "samples_per_prompt", "mini_batch_size",
                        "micro_batch_size", "ppo_epochs", "actor_lr", "critic_lr", "max_grad_norm")
         self._require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
@@ -292,9 +303,12 @@ class LoggingConfig(_Section):
     """Warm-up checkpoints and JIT-built ops; null: <output_dir>/.cache."""
     samples_per_iteration: int = 4
     """Rollouts appended to samples.jsonl each iteration (prompt after the chat template, response, reward, label); 0: none."""
+    save_hf_every: int = 0
+    """Also export the actor in HF format to RUN_DIR/hf/iter_NNNNNN every this many iterations; 0 disables."""
 
     def __post_init__(self) -> None:
         self._require(self.samples_per_iteration >= 0, "samples_per_iteration", "an integer >= 0")
+        self._require(self.save_hf_every >= 0, "save_hf_every", "an integer >= 0 (0 disables)")
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -235,11 +235,14 @@ class PreparedPrompts:
     """Every prompt, encoded once (`prompt_key(example)` -> ids)."""
 
 
-def prepare_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreparedPrompts:
-    """Load both splits, render chats, encode every prompt once and apply `data.overlong_prompts`."""
+def prepare_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, train: Sequence[Example] | None = None,
+                    eval: Sequence[Example] | None = None) -> PreparedPrompts:
+    """Render chats, encode every prompt once and apply `data.overlong_prompts` to both splits
+    (read here unless the caller read them already, to check the data before loading models)."""
     data = cfg.data
     specs = {"train": data.prompts, "eval": data.eval_prompts or data.prompts}
-    splits = {"train": train_prompts(cfg), "eval": eval_prompts(cfg)}
+    splits = {"train": list(train) if train is not None else train_prompts(cfg),
+              "eval": list(eval) if eval is not None else eval_prompts(cfg)}
     splits = {name: render_examples(tokenizer, examples, data.apply_chat_template) for name, examples in splits.items()}
     token_ids: dict[PromptKey, list[int]] = {}
     for templated in (False, True):
@@ -282,6 +285,8 @@ class PromptBatches:
         """Epochs started so far (the epoch the last batch ended in, counting from 1)."""
         self._rng = random.Random(f"prompt-batches/{seed}")
         self._order: list[int] = []
+        self.drawn = 0
+        """Batches returned so far: the whole position (the order is a function of the seed)."""
 
     def __iter__(self) -> Iterator[list[Example]]:
         return self
@@ -296,4 +301,16 @@ class PromptBatches:
             take = self._order[: self.batch_size - len(batch)]
             del self._order[: len(take)]
             batch.extend(self.examples[i] for i in take)
+        self.drawn += 1
         return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where a checkpointed iterator stopped, by replaying its draws from the seed
+        (index shuffles only: cheap even for long runs)."""
+        if self.drawn:
+            raise RuntimeError("PromptBatches.load_state_dict on an iterator that was already used")
+        for _ in range(state["batches_drawn"]):
+            next(self)

@@ -52,14 +52,25 @@ class DistInfo:
 
 
 class RoleError(RuntimeError):
-    """An exception raised inside one rank of a role, re-raised in the driver."""
+    """An exception raised inside one rank of a role, re-raised in the driver.
 
-    def __init__(self, role: str, rank: int, method: str, cause: BaseException):
-        self.role, self.rank, self.method = role, rank, method
+    `died`: the rank's process is gone (killed, out of memory), rather than its code raising.
+    `phase`: the PPO phase it failed in, filled in by the trainer.
+    """
+
+    def __init__(self, role: str, rank: int, method: str, cause: BaseException, died: bool = False):
+        self.role, self.rank, self.method, self.died = role, rank, method, died
+        self.phase: str | None = None
         inner = getattr(cause, "cause", None)  # RayTaskError carries the rank's own exception
         self.cause = inner if isinstance(inner, BaseException) else cause
+        super().__init__(role, rank, method, self.cause)
+
+    def __str__(self) -> str:
+        where = f"role '{self.role}' rank {self.rank}" + (f" in phase {self.phase}" if self.phase else "")
+        if self.died:
+            return f"{where}: the process died during {self.method}()"
         text = _ANSI_ESCAPE.sub("", str(self.cause))  # Ray colours its remote tracebacks
-        super().__init__(f"role '{role}' rank {rank}: {method}() raised {type(self.cause).__name__}: {text}")
+        return f"{where}: {self.method}() raised {type(self.cause).__name__}: {text}"
 
 
 class Pending:

@@ -1,10 +1,14 @@
-"""`hybrid-ppo train`: everything around the PPO loop.
+"""`hybrid-ppo train` and `hybrid-ppo resume`: everything around the PPO loop.
 
 Load and check every input first (models, warming up the builtin one; prompts; the reward
-function), so bad input fails before anything is written. Then make the run directory, start the
-executor, build the roles one at a time (each is offloaded by the scheduler as soon as it exists,
-so a big box never holds every role at once), and run: initial sync, held-out eval, PPO
-iterations, eval, final checkpoint.
+function; the placement plan), so bad input fails before anything is written. Then make the run
+directory, start the executor, build the roles one at a time (each is offloaded by the scheduler
+as soon as it exists, so a big box never holds every role at once), and run: initial sync,
+held-out eval, PPO iterations with periodic checkpoints (`hybrid_ppo.checkpoint`), eval, final
+HF export. A resume restores the latest checkpoint into freshly built roles and goes on.
+
+Any failure after the run directory exists leaves its traceback in train.log and is raised as
+`RunFailed`, which the CLI prints as one line.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +26,36 @@ from typing import Iterator
 
 import yaml
 
-from hybrid_ppo.config import BUILTIN_PREFIX, Config
+from hybrid_ppo.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, read_state, replace_dir,
+                                   write_checkpoint)
+from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, load_config
 from hybrid_ppo.memory.plan import PHASE_PLAN, Phase, Role, resident_everything
 from hybrid_ppo.memory.scheduler import MemoryScheduler
-from hybrid_ppo.metrics import MetricsWriter
+from hybrid_ppo.metrics import MetricsWriter, read_metrics
 from hybrid_ppo.progress import iteration_progress
 from hybrid_ppo.roles.reward import RuleReward
 from hybrid_ppo.special_tokens import SpecialTokens, resolve_special_tokens
+from hybrid_ppo.stopping import Interrupted, StopRequest
 from hybrid_ppo.trainer import EVAL_METRIC, PPOTrainer, RoleGroups
 
 log = logging.getLogger("hybrid_ppo")
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+
+RESUMABLE_KEYS = frozenset({
+    "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
+    "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
+})
+"""What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
+of an iteration (offloading moves states bit for bit)."""
+
+
+class RunFailed(RuntimeError):
+    """A run whose directory exists failed; `__cause__` is why, train.log has the traceback."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path | None):
+        self.run_dir, self.checkpoint = run_dir, checkpoint
+        super().__init__(f"run in {run_dir} failed")
 
 
 @dataclass(frozen=True)
@@ -46,7 +70,8 @@ def make_run_dir(cfg: Config) -> Path:
     name = cfg.logging.run_name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.logging.output_dir) / name
     if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; pick another logging.run_name")
+        raise FileExistsError(f"run directory {run_dir} already holds a run; pick another logging.run_name, "
+                              f"or continue it with `hybrid-ppo resume {run_dir}`")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
@@ -134,19 +159,23 @@ class Inputs:
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    """Models, tokenizer, prompts (chats rendered, every prompt encoded once, so a too-long prompt
-    fails now, not mid-run) and the reward. Bad input raises here and leaves nothing behind."""
+    """Reward function, placement and prompts first (cheap), then models and tokenizer (the slow
+    part: warming the builtin model up), then chats rendered and every prompt encoded once (a
+    too-long prompt fails now, not mid-run). Bad input raises here and leaves nothing behind."""
     from transformers import AutoTokenizer
 
-    from hybrid_ppo.data import prepare_prompts
+    from hybrid_ppo.data import eval_prompts, prepare_prompts, train_prompts
+    from hybrid_ppo.placement import make_plan
     from hybrid_ppo.roles.reward import check_reward_tokenizer
 
+    rule_reward = RuleReward(cfg.model.reward_fn, cfg.model.reward_timeout_s) if cfg.model.reward_fn else None
+    make_plan(cfg)  # an infeasible placement fails here, not after the run directory exists
+    train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
     paths = resolve_models(cfg)
     tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
-    prompts = prepare_prompts(cfg, tokenizer)
+    prompts = prepare_prompts(cfg, tokenizer, train_examples, eval_examples)
     if paths["reward"] is not None:
         check_reward_tokenizer(tokenizer, paths["reward"], [e.prompt for e in prompts.train[:64]])
-    rule_reward = RuleReward(cfg.model.reward_fn) if cfg.model.reward_fn else None
     return Inputs(paths, tokenizer, prompts.token_ids, prompts.train, prompts.eval, rule_reward,
                   resolve_special_tokens(paths["actor"]))
 
@@ -158,33 +187,87 @@ def train(cfg: Config) -> RunResult:
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         run_dir = make_run_dir(cfg)
-        with log_handler(logging.FileHandler(run_dir / "train.log")):
-            before, after = train_in(run_dir, cfg, inputs)
+        before, after = run_logged(run_dir, cfg, inputs, checkpoint=None)
     return RunResult(run_dir, before, after, time.perf_counter() - start)
 
 
-def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
-    """Start the executor, build the roles, run PPO and save the checkpoint into `run_dir`."""
+def resume(run_dir: str | Path, overrides: list[str]) -> RunResult:
+    """Continue the run in `run_dir` from its latest checkpoint, with `overrides` of RESUMABLE_KEYS."""
+    start, run_dir = time.perf_counter(), Path(run_dir)
+    cfg = resume_config(run_dir, overrides)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from (train.save_every was 0, or it "
+                              f"stopped before its first save)")
+    done = read_state(checkpoint)["iteration"]
+    if done >= cfg.train.iterations:
+        raise ConfigError("train.iterations", cfg.train.iterations,
+                          f"more than the {done} iterations {checkpoint} has done (raise it to train on)")
+    with log_handler(logging.StreamHandler(sys.stdout)):
+        setup_environment(cfg)
+        inputs = load_inputs(cfg)
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        before, after = run_logged(run_dir, cfg, inputs, checkpoint)
+    return RunResult(run_dir, before, after, time.perf_counter() - start)
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's saved config with `overrides`; refuses any change outside RESUMABLE_KEYS."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    saved, cfg = load_config(saved_path), load_config(saved_path, overrides)
+    old, new = saved.to_dict(), cfg.to_dict()
+    for section, values in new.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if value != old[section][key] and name not in RESUMABLE_KEYS:
+                raise ConfigError(name, value, f"no change on resume (it would change the run's math; the run "
+                                               f"has {old[section][key]!r}); resume may change: "
+                                               + ", ".join(sorted(RESUMABLE_KEYS)))
+    return cfg
+
+
+def run_logged(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None) -> tuple[float, float]:
+    """`train_in` with train.log attached; a failure's traceback goes there, and out as RunFailed."""
+    try:
+        with log_handler(logging.FileHandler(run_dir / "train.log")):
+            if checkpoint is not None:
+                log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, read_state(checkpoint)["iteration"])
+            return train_in(run_dir, cfg, inputs, checkpoint)
+    except BaseException as err:
+        with open(run_dir / "train.log", "a") as log_file:
+            log_file.write(f"run failed: {type(err).__name__}: {err}\n")
+            traceback.print_exception(err, file=log_file)
+        raise RunFailed(run_dir, _latest_or_none(run_dir)) from err
+
+
+def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None = None) -> tuple[float, float]:
+    """Start the executor, build the roles (restored from `checkpoint` if given), run PPO, export."""
     from hybrid_ppo.data import PromptBatches, prompt_key
     from hybrid_ppo.executor import make_executor
     from hybrid_ppo.samples import SampleLog
 
     start = time.perf_counter()
     tokenizer = inputs.tokenizer
-
+    stop = StopRequest()
     scheduler = MemoryScheduler(PHASE_PLAN if cfg.memory.offload else resident_everything())
-    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard)
+    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard,
+                            resume_after=read_state(checkpoint)["iteration"] if checkpoint else None)
     executor = make_executor(cfg)
     try:
         executor.start()
-        roles = build_roles(executor, cfg, scheduler, inputs.paths, metrics)
-        trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
-                             lambda examples: [inputs.token_ids[prompt_key(e)] for e in examples],
-                             metrics, inputs.rule_reward, SampleLog(run_dir, cfg.logging.samples_per_iteration),
-                             inputs.special)
-        batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
-        result = run(cfg, trainer, batches, inputs.eval_examples, metrics)
-        save_checkpoint(trainer, tokenizer, run_dir)
+        with stop.installed():  # after ray.init, which puts its own SIGTERM handler (sys.exit) in place
+            roles = build_roles(executor, cfg, scheduler, inputs.paths, metrics)
+            trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
+                                 lambda examples: [inputs.token_ids[prompt_key(e)] for e in examples],
+                                 metrics, inputs.rule_reward, SampleLog(run_dir, cfg.logging.samples_per_iteration),
+                                 inputs.special)
+            batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
+            if checkpoint is not None:
+                restore(trainer, batches, checkpoint)
+            result = run(cfg, trainer, batches, inputs.eval_examples, metrics, run_dir, stop)
+            save_checkpoint(trainer, tokenizer, run_dir / "checkpoint")
     finally:
         metrics.close()
         executor.shutdown()
@@ -193,28 +276,82 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs) -> tuple[float, float]:
     return result
 
 
-def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: MetricsWriter) -> tuple[float, float]:
+def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: MetricsWriter, run_dir: Path,
+        stop: StopRequest) -> tuple[float, float]:
+    """Initial sync (re-syncs a restored actor too), eval, iterations with checkpoints, eval."""
     trainer.initial_sync()
-    before = trainer.evaluate(eval_examples)[EVAL_METRIC]
-    log.info("held-out %s (greedy) before PPO: %.3f", EVAL_METRIC, before)
-    metrics.log(0, {EVAL_METRIC: before})
-    with iteration_progress(cfg.train.iterations) as advance:
-        for it in range(cfg.train.iterations):
+    first = trainer.iteration
+    if first == 0:
+        before = trainer.evaluate(eval_examples)[EVAL_METRIC]
+        log.info("held-out %s (greedy) before PPO: %.3f", EVAL_METRIC, before)
+        metrics.log(0, {EVAL_METRIC: before})
+    else:
+        before = next((r[EVAL_METRIC] for r in read_metrics(metrics.path) if EVAL_METRIC in r), float("nan"))
+    saved = first if first else None
+    with iteration_progress(cfg.train.iterations, first) as advance:
+        for it in range(first, cfg.train.iterations):
+            if stop.requested:
+                break
             examples = [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
             stats = trainer.step(examples)
-            metrics.log(it + 1, stats)
+            metrics.log(it + 1, stats)  # before the checkpoint: a resume never loses a logged iteration
             advance(stats)
+            if cfg.train.save_every and (it + 1) % cfg.train.save_every == 0:
+                saved = save_state(cfg, trainer, batches, metrics, run_dir)
+            if cfg.logging.save_hf_every and (it + 1) % cfg.logging.save_hf_every == 0:
+                save_checkpoint(trainer, trainer.tokenizer, run_dir / "hf" / checkpoint_name(it + 1))
+    if cfg.train.save_every and saved != trainer.iteration:  # the last iterations, or a stop
+        saved = save_state(cfg, trainer, batches, metrics, run_dir)
+    if stop.requested:
+        raise Interrupted(stop.signum, trainer.iteration, _latest_or_none(run_dir))
     after = trainer.evaluate(eval_examples)[EVAL_METRIC]
-    metrics.log(cfg.train.iterations, {EVAL_METRIC: after})
+    metrics.log(trainer.iteration, {EVAL_METRIC: after})
     return before, after
 
 
-def save_checkpoint(trainer: PPOTrainer, tokenizer, run_dir: Path) -> Path:
-    """HF-format actor + tokenizer; written beside, then renamed, so no half checkpoint is left."""
-    final, partial = run_dir / "checkpoint", run_dir / "checkpoint.partial"
+def save_state(cfg: Config, trainer: PPOTrainer, batches, metrics: MetricsWriter, run_dir: Path) -> int:
+    """A resumable checkpoint of this iteration (SAVE_* phases, timed); returns the iteration."""
+    start, timings = time.perf_counter(), {}
+
+    def write(directory: Path) -> dict:
+        timings.update(trainer.save_roles(str(directory)))
+        return {"trainer": trainer.state_dict(), "batches": batches.state_dict()}
+
+    path = write_checkpoint(run_dir, trainer.iteration, write, cfg.train.keep_checkpoints)
+    metrics.log(trainer.iteration, {**timings, "time/checkpoint": time.perf_counter() - start})
+    log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - start)
+    return trainer.iteration
+
+
+def restore(trainer: PPOTrainer, batches, checkpoint: Path) -> None:
+    """Roles from their DeepSpeed checkpoints, then the driver's state (iteration, prompt position)."""
+    state = read_state(checkpoint)
+    trainer.load_roles(str(checkpoint))
+    trainer.load_state_dict(state["trainer"])
+    batches.load_state_dict(state["batches"])
+    log.info("restored %s: iteration %d, %d prompt batches drawn", checkpoint, trainer.iteration, batches.drawn)
+
+
+def save_checkpoint(trainer: PPOTrainer, tokenizer, final: Path) -> Path:
+    """HF-format actor + tokenizer (what vLLM loads); written beside, then renamed, so no half
+    export is ever under `final`."""
+    partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with trainer.phase(Phase.SCORE_ACTOR, record=False):  # the actor's weights, and nothing else
+    with trainer.phase(Phase.SAVE_ACTOR, record=False):  # keeps the engine's weights: GENERATE may follow
         trainer.roles.actor.call("save", str(partial))
     tokenizer.save_pretrained(partial)
-    partial.rename(final)
+    replace_dir(partial, final)
     return final
+
+
+def _latest_or_none(run_dir: Path) -> Path | None:
+    try:
+        return latest_checkpoint(run_dir)
+    except CheckpointError:
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

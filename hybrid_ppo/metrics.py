@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,15 +16,25 @@ from hybrid_ppo.memory.scheduler import Move
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    """Appends to a run's metrics. `resume_after=k` (a resume from iteration k's checkpoint) first
+    drops whatever a dead attempt logged past k, so no iteration appears twice or goes missing."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_after: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        if resume_after is not None:
+            keep_through(self.path, resume_after)
+            # Moves are logged under the iteration the trainer had finished when they ran, so the
+            # dead attempt's moves after checkpoint k carry k: keep only those before it.
+            keep_through(run_dir / "memory_timeline.jsonl", resume_after - 1)
         self._file = self.path.open("a")
         self._timeline = (run_dir / "memory_timeline.jsonl").open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the dead attempt's events from k+1 on.
+            purge = None if resume_after is None else resume_after + 1
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
@@ -45,6 +56,21 @@ class MetricsWriter:
         self._timeline.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl (or memory timeline) file; [] when there is none."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_through(path: Path, iteration: int) -> None:
+    """Rewrite a JSONL log with only the records of iterations <= `iteration` (atomically)."""
+    records = [r for r in read_metrics(path) if r["iteration"] <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 def mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -17,11 +17,9 @@ def _summary(stats: dict[str, float]) -> str:
 
 
 @contextmanager
-def iteration_progress(total: int) -> Iterator[Callable[[dict[str, float]], None]]:
-    """Yields `advance(stats)`, to call once per finished iteration."""
+def iteration_progress(total: int, done: int = 0) -> Iterator[Callable[[dict[str, float]], None]]:
+    """Yields `advance(stats)`, to call once per finished iteration (`done`: already finished, on resume)."""
     if not sys.stdout.isatty():
-        done = 0
-
         def advance(stats: dict[str, float]) -> None:
             nonlocal done
             done += 1
@@ -33,5 +31,5 @@ def iteration_progress(total: int) -> Iterator[Callable[[dict[str, float]], None
 
     with Progress(TextColumn("PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.description}")) as bar:
-        task = bar.add_task("", total=total)
+        task = bar.add_task("", total=total, completed=done)
         yield lambda stats: bar.update(task, advance=1, description=_summary(stats))

@@ -125,7 +125,10 @@ class RayRoleGroup(RoleGroup):
                 try:
                     results[rank_of[ref]] = ray.get(ref)
                 except ray.exceptions.RayError as err:
-                    raise RoleError(self.name, rank_of[ref], method, err) from err
+                    # A constructor that raised also surfaces as RayActorError; only a process
+                    # that is gone (killed, out of memory) counts as died.
+                    died = isinstance(err, ray.exceptions.RayActorError) and not err.actor_init_failed
+                    raise RoleError(self.name, rank_of[ref], method, err, died=died) from err
         return [results[rank] for rank, _ in ranked_refs]
 
 
@@ -157,6 +160,9 @@ class RayExecutor:
     def _local_init_kwargs(self) -> dict[str, Any]:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # When one rank fails, the driver stops waiting for the others; Ray would print each of
+        # their later errors as an "unhandled error" traceback. The first one is what we report.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         cpus = max(os.cpu_count() or 1, math.ceil(self.plan.num_bundles * self.plan.bundle_cpu))
         kwargs: dict[str, Any] = dict(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
                                       _temp_dir=str(self._temp_dir()))

@@ -9,6 +9,7 @@ and times the phase. Ray, offloading and timing stay behind that one call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -21,11 +22,12 @@ from hybrid_ppo.algo.advantages import compute_advantages, token_rewards
 from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean
 from hybrid_ppo.config import Config, KLPlacement
+from hybrid_ppo.executor import RoleError
 from hybrid_ppo.memory.plan import Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.roles.reward import RuleReward
-from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad
+from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, sampling_seed
 from hybrid_ppo.samples import SampleLog
 from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
 from hybrid_ppo.tasks.base import Example
@@ -89,12 +91,18 @@ class PPOTrainer:
         prompts = self.encode(examples)
         shards = _split_list(prompts, self.roles.rollout.world_size)
         start = time.perf_counter()
-        outputs = self.roles.rollout.call_each("generate", [(shard, sampling) for shard in shards])
+        outputs = self.roles.rollout.call_each("generate", [(shard, self._seeded(sampling, rank))
+                                                            for rank, shard in enumerate(shards)])
         response_ids = torch.cat([o.response_ids for o in outputs])
         response_mask = torch.cat([o.response_mask for o in outputs])
         self._metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
         sequences = _assemble(prompts, response_ids, response_mask, self.special.pad_id)
         return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask))
+
+    def _seeded(self, sampling: SamplingParams, rank: int) -> SamplingParams:
+        if sampling.greedy:
+            return sampling
+        return dataclasses.replace(sampling, seed=sampling_seed(self.cfg.train.seed, self.iteration, rank))
 
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         return decode_responses(self.tokenizer, self.special, response_ids, response_mask)
@@ -158,6 +166,31 @@ class PPOTrainer:
         self.initial_sync()
         return {EVAL_METRIC: float(scores.mean())}
 
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the driver-side loop must carry over a resume. Add driver state here (e.g. an
+        adaptive KL controller); the trained roles' state goes through DeepSpeed instead."""
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+
+    def save_roles(self, directory: str) -> dict[str, float]:
+        """Every trained role's DeepSpeed checkpoint, one role resident at a time; returns the timings."""
+        self._metrics = {}
+        with self.phase(Phase.SAVE_ACTOR):
+            self.roles.actor.call("save_checkpoint", f"{directory}/actor")
+        with self.phase(Phase.SAVE_CRITIC):
+            self.roles.critic.call("save_checkpoint", f"{directory}/critic")
+        return {k: v for k, v in self._metrics.items() if k.startswith("time/")}
+
+    def load_roles(self, directory: str) -> None:
+        """Restore what `save_roles` wrote (resume); the engines need a SYNC afterwards."""
+        with self.phase(Phase.SAVE_ACTOR, record=False):
+            self.roles.actor.call("load_checkpoint", f"{directory}/actor")
+        with self.phase(Phase.SAVE_CRITIC, record=False):
+            self.roles.critic.call("load_checkpoint", f"{directory}/critic")
+
     def initial_sync(self) -> None:
         """A SYNC outside the iteration: engines start without weights, and GENERATE expects them."""
         with self.phase(Phase.SYNC, record=False):
@@ -177,9 +210,13 @@ class PPOTrainer:
     @contextmanager
     def phase(self, phase: Phase, record: bool = True) -> Iterator[None]:
         start = time.perf_counter()
-        moves = self.scheduler.enter(phase)
-        self.metrics.log_moves(self.iteration, moves)
-        yield
+        try:
+            moves = self.scheduler.enter(phase)
+            self.metrics.log_moves(self.iteration, moves)
+            yield
+        except RoleError as err:
+            err.phase = err.phase or phase.value  # the one place that knows which phase failed
+            raise
         if record:
             self._metrics[f"time/{phase.value}"] = time.perf_counter() - start
             self._metrics[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)

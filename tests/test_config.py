@@ -51,7 +51,7 @@ def test_8gpu_preset_validates_and_places():
     ("rollout.tensor_parallel_size=3", "rollout.tensor_parallel_size", "divisor of placement.num_gpus"),
     ("model.reward_fn=null", "model.reward_fn", "exactly one"),
     ("model.reward_fn=no_colon", "model.reward_fn", "module:function"),
-    ("data.prompts=/tmp/p.jsonl", "data.eval_prompts", "JSONL"),
+    ("data.prompts=/tmp/p.jsonl", "data.eval_prompts", "a prompt file or dataset path"),
     ("train.foo=1", "train.foo", "iterations"),
     ("nosection.x=1", "nosection", "model"),
     ("train.iterations", "train.iterations", "section.key=value"),

@@ -10,6 +10,12 @@ Read the table top to bottom as one PPO iteration.
 * TRAIN_CRITIC and TRAIN_ACTOR each hold one model's params + grads + optimizer, never both.
 * SYNC holds the actor's weights and the engine's weights only. The KV cache stays asleep until
   GENERATE, so the peak during the copy is two copies of the weights and nothing else.
+* SAVE_ACTOR and SAVE_CRITIC (every `train.save_every` iterations, and to load a checkpoint on
+  resume) each hold one trained role's weights + training state, because DeepSpeed's
+  save_checkpoint / load_checkpoint read and write both. One role at a time, like SCORE. A save
+  comes between SYNC and GENERATE, so the engine keeps the weights SYNC gave it (a level-2 sleep
+  would discard them and cost another sync); its KV cache stays asleep. The peak is one trained
+  role's state + the engine's weights, with no activations.
 
 Roles not named in a phase have nothing resident. `resident_everything()` is the plan used when
 `memory.offload=false`: every state stays put, which is handy for debugging but not a memory plan.
@@ -31,9 +37,12 @@ class Phase(str, Enum):
     TRAIN_CRITIC = "train_critic"
     TRAIN_ACTOR = "train_actor"
     SYNC = "sync"
+    SAVE_ACTOR = "save_actor"  # the actor's DeepSpeed checkpoint (written, or read on resume)
+    SAVE_CRITIC = "save_critic"  # the critic's
 
 
 SCORE_PHASES = (Phase.SCORE_ACTOR, Phase.SCORE_REFERENCE, Phase.SCORE_CRITIC, Phase.SCORE_REWARD)
+SAVE_PHASES = (Phase.SAVE_ACTOR, Phase.SAVE_CRITIC)
 
 
 class Role(str, Enum):
@@ -74,6 +83,8 @@ PHASE_PLAN: dict[Phase, Residency] = {
     Phase.TRAIN_ACTOR: {Role.ACTOR: frozenset({_W, _T})},
     # Weights only: the KV cache wakes at GENERATE, after the copy, so the two never coexist.
     Phase.SYNC: {Role.ACTOR: frozenset({_W}), Role.ROLLOUT: frozenset({_W})},
+    Phase.SAVE_ACTOR: {Role.ACTOR: frozenset({_W, _T}), Role.ROLLOUT: frozenset({_W})},
+    Phase.SAVE_CRITIC: {Role.CRITIC: frozenset({_W, _T}), Role.ROLLOUT: frozenset({_W})},
 }
 
 

@@ -58,7 +58,7 @@ class Actor(TrainedRole):
         if target is None:
             return False
         kls = epoch_stats["actor/approx_kl"]
-        return self.mean_across_ranks(sum(kls) / len(kls)) > target
+        return self.mean_across_ranks(sum(kls) / max(len(kls), 1)) > target  # every step skipped: 0
 
     def export_weights(self, bucket_bytes: int | None = None) -> list[WeightBucket] | None:
         """HF-named weights in flat buckets (SYNC); rank 0 returns them.

@@ -13,8 +13,8 @@ A rule reward is named `package.module:function` in the config and is called as
 * `metadata`: each row's other fields as a dict (empty for builtin data); passed only to a
   function with a `metadata` parameter (or `**kwargs`), so 3-argument functions keep working.
 
-It must return one finite float per response. Anything else fails the step with an error that
-names the offending sample.
+It must return one finite float per response within `model.reward_timeout_s` seconds. Anything
+else fails the step with an error that names the offending sample, or the function.
 
 A reward model is a local `AutoModelForSequenceClassification` (num_labels = 1) that shares the
 actor's tokenizer (checked at start: re-tokenizing between tokenizers is out of scope). It scores
@@ -27,6 +27,7 @@ import importlib
 import inspect
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -62,17 +63,14 @@ def load_reward_fn(spec: str) -> RewardFn:
 class RuleReward:
     """A rule reward function, checked on every call."""
 
-    def __init__(self, spec: str):
-        self.spec, self.fn = spec, load_reward_fn(spec)
+    def __init__(self, spec: str, timeout_s: float = 300.0):
+        self.spec, self.fn, self.timeout_s = spec, load_reward_fn(spec), timeout_s
         self.takes_metadata = _accepts_keyword(self.fn, "metadata")
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list[Any] | None,
                  metadata: list[dict] | None = None) -> Tensor:
         extra = {"metadata": metadata if metadata is not None else [{} for _ in responses]} if self.takes_metadata else {}
-        try:
-            scores = list(self.fn(prompts, responses, labels, **extra))
-        except Exception as err:
-            raise RewardError(f"reward function {self.spec} raised {type(err).__name__}: {err}") from err
+        scores = self._call_with_timeout(prompts, responses, labels, **extra)
         if len(scores) != len(responses):
             raise RewardError(f"reward function {self.spec} returned {len(scores)} scores for {len(responses)} responses")
         for i, score in enumerate(scores):
@@ -80,6 +78,28 @@ class RuleReward:
                 raise RewardError(f"reward function {self.spec} returned {score!r} for sample {i} "
                                   f"(prompt {prompts[i]!r}, response {responses[i]!r}); expected a finite float")
         return torch.tensor(scores, dtype=torch.float32)
+
+    def _call_with_timeout(self, *args, **kwargs) -> list:
+        """Run the user's function in a daemon thread. A thread cannot be killed, so a hung call is
+        left behind; the run fails anyway, and a daemon thread does not hold the process open."""
+        outcome: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                outcome["scores"] = list(self.fn(*args, **kwargs))
+            except Exception as err:  # re-raised in the caller's thread, with its sample context
+                outcome["error"] = err
+
+        thread = threading.Thread(target=target, name=f"reward {self.spec}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise RewardError(f"reward function {self.spec} did not return within model.reward_timeout_s = "
+                              f"{self.timeout_s:g} s ({len(args[1])} responses)")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise RewardError(f"reward function {self.spec} raised {type(err).__name__}: {err}") from err
+        return outcome["scores"]  # type: ignore[return-value]
 
 
 def _accepts_keyword(fn: Callable, name: str) -> bool:

@@ -16,6 +16,13 @@ from hybrid_ppo.memory.residency import DeepSpeedResidency
 from hybrid_ppo.roles.common import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.deepspeed_engine import build_engine
 
+CHECKPOINT_TAG = "state"
+"""DeepSpeed's tag (sub-directory) inside a role's checkpoint directory."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """Too many optimizer steps in a row skipped for a non-finite loss."""
+
 
 class TrainedRole(ResidentRole):
     """A DeepSpeed-wrapped model with a PPO update loop; subclasses supply the loss."""
@@ -29,6 +36,7 @@ class TrainedRole(ResidentRole):
         torch.manual_seed(cfg.train.seed + dist.rank)
         self.engine = build_engine(cfg, dist.world_size, lr, load)
         self.residency = DeepSpeedResidency(self.engine)
+        self.skipped_in_a_row = 0  # optimizer steps skipped for a non-finite loss since the last real one
         # DeepSpeed's offload_states() runs gc.collect() three times. Over the ~10^6 objects that
         # torch, transformers and DeepSpeed leave after start-up that costs ~0.75 s per offload
         # (measured on CPU); freezing them makes each collect scan only what came later (~1 ms).
@@ -44,17 +52,18 @@ class TrainedRole(ResidentRole):
     def train(self, experience: Experience, iteration: int) -> dict[str, float]:
         """PPO epochs over this rank's shard; DeepSpeed accumulates micro-batches into optimizer steps."""
         self.engine.train()
+        # Seeded from (seed, iteration, rank): dropout and the order repeat exactly after a resume.
+        torch.manual_seed((self.cfg.train.seed * 1_000_003 + iteration) * 1009 + self.rank)
         order = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + iteration)
         stats: dict[str, list[float]] = defaultdict(list)
-        epochs_run = 0
+        epochs_run, skipped = 0, 0
         for _ in range(self.cfg.train.ppo_epochs):
             epoch_stats: dict[str, list[float]] = defaultdict(list)
             for micro in experience.micro_batches(self.cfg.train.micro_batch_size, order):
                 loss, parts = self.loss(micro)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.name} loss is {loss.item()} at iteration {iteration}")
-                self.engine.backward(loss)
-                self.engine.step()
+                if not self.step_unless_any_rank_nonfinite(loss, iteration):
+                    skipped += 1
+                    continue
                 for key, value in parts.items():
                     epoch_stats[key].append(float(value))
             epochs_run += 1
@@ -64,7 +73,45 @@ class TrainedRole(ResidentRole):
                 break
         summary = {key: sum(v) / len(v) for key, v in stats.items()}
         summary[f"{self.name}/epochs"] = float(epochs_run)
+        summary[f"{self.name}/skipped_steps"] = float(skipped)
         return summary
+
+    def step_unless_any_rank_nonfinite(self, loss: Tensor, iteration: int) -> bool:
+        """Backward + step, unless the loss is non-finite on ANY rank: then every rank skips it.
+
+        One all-reduce of a flag (a sync point). A rank that raised on its own would leave the
+        others waiting in the step's collectives. A skipped micro-batch never reaches DeepSpeed,
+        so with gradient accumulation the step takes the next micro-batch in its place; a skip in
+        the last step of a train() call leaves that step short, and it completes with the first
+        micro-batch of the next call (known limitation; exact when no accumulation is configured).
+        """
+        flag = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=self.device)
+        torch_dist.all_reduce(flag)
+        if float(flag) == 0.0:
+            self.engine.backward(loss)
+            self.engine.step()
+            self.skipped_in_a_row = 0
+            return True
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise TrainingDiverged(f"{self.name}: {self.skipped_in_a_row} optimizer steps in a row skipped for a "
+                                   f"non-finite loss (iteration {iteration}; train.max_skipped_steps = {limit})")
+        return False
+
+    def save_checkpoint(self, directory: str) -> None:
+        """This rank's part of DeepSpeed's checkpoint: weights, optimizer and LR-scheduler state
+        (ZeRO shards per rank). Collective: every rank must call it (SAVE_* phase)."""
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False,
+                                    client_state={"skipped_in_a_row": self.skipped_in_a_row})
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore what `save_checkpoint` wrote (on resume). Collective."""
+        path, client = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{self.name} rank {self.rank}: no DeepSpeed checkpoint in {directory}")
+        self.skipped_in_a_row = int(client.get("skipped_in_a_row", 0))
 
     def mean_across_ranks(self, value: float) -> float:
         """All ranks must agree on control flow (a ZeRO step is a collective). A sync point."""

@@ -23,6 +23,7 @@ class SamplingParams:
     max_new_tokens: int
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
+    seed: int | None = None  # seeds this call's sampling (None: the engine's own RNG); see sampling_seed
 
     @property
     def greedy(self) -> bool:
@@ -43,6 +44,12 @@ class RolloutEngine(Protocol):
     def wake_up(self, tags: list[str]) -> None: ...
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
+
+
+def sampling_seed(seed: int, iteration: int, rank: int) -> int:
+    """The sampling seed of one engine in one iteration. Derived, not drawn, so a resumed run
+    samples exactly what the uninterrupted run would have, with no RNG state in the checkpoint."""
+    return ((seed * 1_000_003 + iteration) * 1009 + rank) % 2**63
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

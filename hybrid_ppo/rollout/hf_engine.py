@@ -50,9 +50,14 @@ class HFEngine:
         width = ids.shape[1]
         knobs = {"do_sample": False} if sampling.greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
-                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_ids,
-                                  pad_token_id=pad_id, **knobs)
+        # generate() samples from torch's global RNG: seed a fork of it, so the seed decides the
+        # sample and nothing else in this process (the local executor shares it) is disturbed.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
+                                      max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_ids,
+                                      pad_token_id=pad_id, **knobs)
         responses = pad_responses(out[:, width:].cpu(), sampling.max_new_tokens, pad_id)
         return Generation(responses, response_mask(responses, eos_ids))
 

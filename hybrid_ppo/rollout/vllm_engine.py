@@ -71,8 +71,11 @@ class VLLMEngine:
 
         knobs = {"temperature": 0.0} if sampling.greedy else {
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        params = VLLMSampling(n=1, max_tokens=sampling.max_new_tokens, detokenize=False,
-                              stop_token_ids=list(self.special.eos_ids), ignore_eos=False, **knobs)
+        # vLLM seeds per request: one seed per row, so two samples of the same prompt still differ.
+        params = [VLLMSampling(n=1, max_tokens=sampling.max_new_tokens, detokenize=False,
+                               stop_token_ids=list(self.special.eos_ids), ignore_eos=False,
+                               seed=None if sampling.seed is None else sampling.seed + row, **knobs)
+                  for row in range(len(prompt_token_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids],
                                     params, use_tqdm=False)
         # vLLM's token_ids end with the EOS that stopped them, as HF's do; pad after it.

@@ -1,0 +1,139 @@
+"""Checkpoints as directories that appear whole.
+
+    RUN_DIR/checkpoints/
+      iter_000010/            a complete checkpoint
+        actor/  critic/       DeepSpeed's own save_checkpoint: weights, optimizer, LR schedule,
+                              written by every rank (ZeRO shards included)
+        trainer_state.json    iteration, prompt position, trainer state (e.g. a KL controller)
+      iter_000020.tmp/        a save in progress (or one a crash interrupted: never read)
+      latest                  the name of the newest complete checkpoint, e.g. "iter_000020"
+
+A save writes into `iter_N.tmp/`, fsyncs every file once every rank has returned, renames the
+directory, and only then replaces `latest` (a temp file and `os.replace`, which is atomic on
+POSIX). A crash at any point leaves `latest` naming a complete checkpoint. Older checkpoints
+beyond `train.keep_checkpoints` are deleted only after the new one is complete.
+
+Sampling is seeded from (seed, iteration, rank), and the data order from (seed, batches drawn),
+so no RNG state is saved: the iteration and the prompt position determine it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^iter_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not match the run; the message names the path."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:06d}"
+
+
+def write_checkpoint(run_dir: Path, iteration: int, write: Callable[[Path], dict[str, Any]], keep: int) -> Path:
+    """Make `checkpoints/iter_<iteration>/` appear whole: `write(tmp_dir)` fills a temporary
+    directory and returns the trainer state, which goes to STATE_FILE last. Then fsync, rename,
+    move `latest`, prune. Returns the final directory."""
+    root = run_dir / CHECKPOINTS
+    final = root / checkpoint_name(iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that a crash interrupted
+    tmp.mkdir(parents=True)
+    state = write(tmp)
+    _write_json(tmp / STATE_FILE, {"iteration": iteration, **state})
+    _fsync_tree(tmp)
+    if final.exists():  # the same iteration saved again (resumed, then stopped at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    prune(root, keep)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when the run has none. A `latest` naming a missing
+    or incomplete directory is a CheckpointError (never guessed around)."""
+    pointer = run_dir / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = pointer.parent / name
+    if not _NAME.match(name) or not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint in {pointer.parent}")
+    return path
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint (`iteration` and what the run loop saved)."""
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep`, and leftover `.tmp` saves; never the
+    one `latest` names. Returns what was deleted."""
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+    stale = [p for p in complete[:-keep] if p.name != latest]
+    stale += [p for p in root.iterdir() if p.is_dir() and p.name.endswith(".tmp")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Publish a fully written directory under `final`, replacing an older one (an HF export).
+    The old one is moved aside first, so `final` is never a mix of the two."""
+    _fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under `root` on disk before the rename that publishes it (ranks
+    wrote the files from their own processes; the rename must not overtake their data)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
