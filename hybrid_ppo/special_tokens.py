@@ -30,6 +30,10 @@ class SpecialTokenError(ValueError):
     """A checkpoint from which no EOS id can be found."""
 
 
+class TokenizerMismatchError(ValueError):
+    """Two models that must share a tokenizer (actor and reward model) do not."""
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     pad_id: int

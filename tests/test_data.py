@@ -183,3 +183,22 @@ def test_overlong_prompts_error_or_skip(tmp_path: Path, caplog) -> None:
     with pytest.raises(DataError, match=r"p\.jsonl: every train prompt is over data.max_prompt_tokens = 2; nothing is left"):
         prepare_prompts(load_config(None, [*base[:2], "data.max_prompt_tokens=2", "data.overlong_prompts=skip"]),
                         tokenizer)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": [{"role": "user", "content": "hi"}]}, {"text": "a"}], r"bad\.jsonl:2: missing 'prompt'"),
+    ([{"prompt": [{"content": "hi"}]}], r"bad\.jsonl:1: message 0 of 'prompt' needs a string 'role'"),
+])
+def test_bad_data_is_one_line_from_the_cli(tmp_path: Path, chat_checkpoint, capsys, rows, message) -> None:
+    import re
+
+    from hybrid_ppo.cli import main
+
+    bad = write_lines(tmp_path / "bad.jsonl", [json.dumps(r) for r in rows])
+    actor = chat_checkpoint("qwen2.5")
+    capsys.readouterr()  # building the fixture prints progress bars
+    code = main(["train", f"model.actor={actor}", f"data.prompts={bad}",
+                 f"data.eval_prompts={bad}", f"logging.output_dir={tmp_path}/runs", "logging.run_name=bad"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("hybrid-ppo: ") and re.search(message, err)
+    assert not (tmp_path / "runs" / "bad").exists()

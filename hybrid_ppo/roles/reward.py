@@ -118,6 +118,8 @@ def check_reward_tokenizer(actor_tokenizer, reward_path: str, texts: Sequence[st
     the actor's token ids as they are, and re-tokenizing between tokenizers is out of scope."""
     from transformers import AutoTokenizer
 
+    from hybrid_ppo.special_tokens import TokenizerMismatchError
+
     has_tokenizer = any((Path(reward_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                                       "tokenizer.model"))
     if not has_tokenizer:
@@ -125,13 +127,13 @@ def check_reward_tokenizer(actor_tokenizer, reward_path: str, texts: Sequence[st
         return
     reward_tokenizer = AutoTokenizer.from_pretrained(reward_path)
     if len(reward_tokenizer) != len(actor_tokenizer):
-        raise ValueError(f"reward model {reward_path!r}: its tokenizer has {len(reward_tokenizer)} tokens, the "
+        raise TokenizerMismatchError(f"reward model {reward_path!r}: its tokenizer has {len(reward_tokenizer)} tokens, the "
                          f"actor's {len(actor_tokenizer)}; a reward model must share the actor's tokenizer "
                          "(re-tokenization is not supported)")
     for text in (*TOKENIZER_PROBES, *texts):
         ours, theirs = (t(text, add_special_tokens=False)["input_ids"] for t in (actor_tokenizer, reward_tokenizer))
         if ours != theirs:
-            raise ValueError(f"reward model {reward_path!r}: its tokenizer encodes {text[:60]!r} as {theirs[:8]}..., "
+            raise TokenizerMismatchError(f"reward model {reward_path!r}: its tokenizer encodes {text[:60]!r} as {theirs[:8]}..., "
                              f"the actor's as {ours[:8]}...; a reward model must share the actor's tokenizer "
                              "(re-tokenization is not supported)")
 
