@@ -300,7 +300,7 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
                 saved = save_state(cfg, trainer, batches, metrics, run_dir)
             if cfg.logging.save_hf_every and (it + 1) % cfg.logging.save_hf_every == 0:
                 save_checkpoint(trainer, trainer.tokenizer, run_dir / "hf" / checkpoint_name(it + 1))
-    if cfg.train.save_every and saved != trainer.iteration:  # the last iterations, or a stop
+    if cfg.train.save_every and trainer.iteration and saved != trainer.iteration:  # the last iterations, or a stop
         saved = save_state(cfg, trainer, batches, metrics, run_dir)
     if stop.requested:
         raise Interrupted(stop.signum, trainer.iteration, _latest_or_none(run_dir))
