@@ -27,6 +27,10 @@ Never CUDA_VISIBLE_DEVICES: Ray sets that per actor from its bundle."""
 SPAWN_TIMEOUT_S = 1800.0
 """How long `spawn` waits for a role's constructors (model loading) before calling it stuck."""
 
+WAIT_POLL_S = 1.0
+"""A blocking wait returns to Python this often, so signal handlers run (a second SIGTERM abandons
+the phase): Python runs them only between bytecodes, never inside ray.wait."""
+
 MAX_UNIX_TEMP_DIR = 40
 """Ray puts Unix sockets at <temp_dir>/session_<date>_<pid>/sockets/...; the path limit is ~107 chars."""
 
@@ -116,8 +120,10 @@ class RayRoleGroup(RoleGroup):
         pending = [ref for _, ref in ranked_refs]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            left = WAIT_POLL_S if deadline is None else min(WAIT_POLL_S, max(0.0, deadline - time.monotonic()))
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready and (deadline is None or time.monotonic() < deadline):
+                continue
             if not ready:
                 stuck = sorted(rank_of[ref] for ref in pending)
                 raise TimeoutError(f"role '{self.name}': {method}() of ranks {stuck} not done after {timeout_s:g} s")
