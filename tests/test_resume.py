@@ -110,6 +110,8 @@ def test_sigkill_during_a_save_then_resume_matches_the_straight_run(tmp_path, ca
 
     resume(killed, [])
     assert metrics_by_iteration(killed) == metrics_by_iteration(straight)
+    samples = [(run / "samples.jsonl").read_text().splitlines() for run in (killed, straight)]
+    assert samples[0] == samples[1] and samples[0]  # the dead attempt's samples past k are gone
     assert sorted(metrics_by_iteration(killed)) == list(range(7))
     assert "resuming" in (killed / "train.log").read_text()
 
