@@ -45,6 +45,7 @@ LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"
 RESUMABLE_KEYS = frozenset({
     "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
     "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
+    "logging.samples_per_iteration",
 })
 """What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
 of an iteration (offloading moves states bit for bit)."""
