@@ -39,7 +39,7 @@ BAD_INPUTS = {
     "missing prompts": (["data.prompts={tmp}/none.jsonl", "data.eval_prompts={tmp}/none.jsonl"],
                         "none.jsonl' does not exist", 1),
     "bad prompt line": (["data.prompts={tmp}/bad.jsonl", "data.eval_prompts={tmp}/bad.jsonl"],
-                        "bad.jsonl:2: missing 'prompt'", 1),
+                        "bad.jsonl:2: 'prompt' must be a string", 1),
     "model directory": (["model.actor={tmp}/no-model"], "is not a directory", 1),
     "reward function": (["model.reward_fn=hybrid_ppo.tasks.max_digit:nope"], "has no function 'nope'", 1),
     "infeasible placement": (["placement.gpu_per_role=0.5"], "infeasible placement plan", 2),

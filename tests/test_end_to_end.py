@@ -88,7 +88,7 @@ def test_reward_model_job_in_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.prompts={bad}", "data.eval_prompts={bad}"], "bad.jsonl:2: missing 'prompt'"),
+    (["data.prompts={bad}", "data.eval_prompts={bad}"], "bad.jsonl:2: 'prompt' must be a string"),
     (["model.actor={tmp}/no-model"], "model.actor = .* is not a directory"),
     (["model.reward_fn=hybrid_ppo.tasks.max_digit:no_such_fn"], "has no function 'no_such_fn'"),
     (["data.max_prompt_tokens=3"], "more than data.max_prompt_tokens = 3"),
