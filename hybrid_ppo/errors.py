@@ -34,12 +34,14 @@ def one_line(err: BaseException) -> tuple[str, int]:
     if isinstance(err, RoleError) and not err.died:
         where = f"role '{err.role}' rank {err.rank}" + (f", phase {err.phase}" if err.phase else "")
         cause = err.cause
-        message = f"{_text(cause)} ({where})"
+        message = f"{err.cause_text} ({where})"
     elif isinstance(err, KeyboardInterrupt):
         cause, message = err, "interrupted (Ctrl-C) before the run started"
     else:
         cause, message = err, _text(err)
-    if not isinstance(cause, USER_ERRORS) or isinstance(cause, NotImplementedError):
+    constructor = getattr(cause, "actor_init_failed", False)  # a role's __init__ raised (e.g. a bad model dir)
+    user_error = isinstance(cause, (*USER_ERRORS, Interrupted)) and not isinstance(cause, NotImplementedError)
+    if not constructor and not user_error:
         message = f"internal error, please report it: {type(cause).__name__}: {message}"
     if run_dir is not None:
         if not isinstance(err, Interrupted):  # a requested stop is no failure to debug
@@ -53,7 +55,9 @@ def one_line(err: BaseException) -> tuple[str, int]:
 
 def is_internal(err: BaseException) -> bool:
     """A bug rather than bad input: its traceback is worth showing when no train.log has it."""
-    return type(err).__name__ != "RunFailed" and not isinstance(err, USER_ERRORS)
+    from hybrid_ppo.stopping import Interrupted
+
+    return type(err).__name__ != "RunFailed" and not isinstance(err, (*USER_ERRORS, Interrupted))
 
 
 def _exit_code(err: BaseException, config_error: type, interrupted: type) -> int:

@@ -69,8 +69,17 @@ class RoleError(RuntimeError):
         where = f"role '{self.role}' rank {self.rank}" + (f" in phase {self.phase}" if self.phase else "")
         if self.died:
             return f"{where}: the process died during {self.method}()"
+        return f"{where}: {self.method}() raised {type(self.cause).__name__}: {self.cause_text}"
+
+    @property
+    def cause_text(self) -> str:
+        """The rank's own message. A failed constructor reaches us as Ray's ActorDiedError, whose
+        text is the whole remote traceback: its last line is the rank's `Type: message`."""
         text = _ANSI_ESCAPE.sub("", str(self.cause))  # Ray colours its remote tracebacks
-        return f"{where}: {self.method}() raised {type(self.cause).__name__}: {text}"
+        if getattr(self.cause, "actor_init_failed", False):
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return lines[-1] if lines else text
+        return text
 
 
 class Pending:

@@ -45,6 +45,7 @@ LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"
 RESUMABLE_KEYS = frozenset({
     "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
     "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
+    "logging.samples_per_iteration",
 })
 """What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
 of an iteration (offloading moves states bit for bit)."""
@@ -300,7 +301,7 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
                 saved = save_state(cfg, trainer, batches, metrics, run_dir)
             if cfg.logging.save_hf_every and (it + 1) % cfg.logging.save_hf_every == 0:
                 save_checkpoint(trainer, trainer.tokenizer, run_dir / "hf" / checkpoint_name(it + 1))
-    if cfg.train.save_every and saved != trainer.iteration:  # the last iterations, or a stop
+    if cfg.train.save_every and trainer.iteration and saved != trainer.iteration:  # the last iterations, or a stop
         saved = save_state(cfg, trainer, batches, metrics, run_dir)
     if stop.requested:
         raise Interrupted(stop.signum, trainer.iteration, _latest_or_none(run_dir))

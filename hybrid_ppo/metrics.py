@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hybrid_ppo.memory.scheduler import Move
+from hybrid_ppo.samples import FILE_NAME as SAMPLES_FILE
 
 
 class MetricsWriter:
@@ -23,6 +24,7 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         if resume_after is not None:
             keep_through(self.path, resume_after)
+            keep_through(run_dir / SAMPLES_FILE, resume_after)
             # Moves are logged under the iteration the trainer had finished when they ran, so the
             # dead attempt's moves after checkpoint k carry k: keep only those before it.
             keep_through(run_dir / "memory_timeline.jsonl", resume_after - 1)
@@ -67,6 +69,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def keep_through(path: Path, iteration: int) -> None:
     """Rewrite a JSONL log with only the records of iterations <= `iteration` (atomically)."""
+    if not path.is_file():
+        return
     records = [r for r in read_metrics(path) if r["iteration"] <= iteration]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

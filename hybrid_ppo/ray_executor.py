@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from hybrid_ppo.config import Config
 from hybrid_ppo.executor import LOCALHOST, DistInfo, Pending, RoleError, RoleGroup, _Ports
 from hybrid_ppo.placement import PlacementPlan, create_placement_group, make_plan
+from hybrid_ppo.stopping import check_abandoned
 
 FORWARDED_ENV_NAMES = ("TMPDIR", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
 FORWARDED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "TRITON_", "VLLM_", "NCCL_",
@@ -26,6 +27,10 @@ Never CUDA_VISIBLE_DEVICES: Ray sets that per actor from its bundle."""
 
 SPAWN_TIMEOUT_S = 1800.0
 """How long `spawn` waits for a role's constructors (model loading) before calling it stuck."""
+
+WAIT_POLL_S = 1.0
+"""A blocking wait returns to Python this often, to see whether a second SIGINT/SIGTERM asked to
+abandon the phase (`stopping.check_abandoned`)."""
 
 MAX_UNIX_TEMP_DIR = 40
 """Ray puts Unix sockets at <temp_dir>/session_<date>_<pid>/sockets/...; the path limit is ~107 chars."""
@@ -116,8 +121,11 @@ class RayRoleGroup(RoleGroup):
         pending = [ref for _, ref in ranked_refs]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            left = WAIT_POLL_S if deadline is None else min(WAIT_POLL_S, max(0.0, deadline - time.monotonic()))
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready and (deadline is None or time.monotonic() < deadline):
+                check_abandoned()  # a second SIGINT/SIGTERM: stop waiting for this phase
+                continue
             if not ready:
                 stuck = sorted(rank_of[ref] for ref in pending)
                 raise TimeoutError(f"role '{self.name}': {method}() of ranks {stuck} not done after {timeout_s:g} s")

@@ -2,7 +2,9 @@
 
 The first signal only sets a flag. The run loop sees it after the current iteration, writes a
 checkpoint when `train.save_every > 0`, and raises `Interrupted`; the executor's shutdown then
-takes the Ray processes down. A second signal abandons the current phase at once.
+takes the Ray processes down. A second signal abandons the current phase: `check_abandoned()`
+raises at the next phase boundary, and within a second from a blocked Ray wait. The handler never
+raises itself: inside ray.wait (Cython) an exception from a handler surfaces as a SystemError.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_abandon_on: list[int] = []  # the signal that asked to abandon the phase, while a StopRequest is installed
+
+
+def check_abandoned() -> None:
+    """Raise Interrupted if a second signal asked to abandon the current phase (cheap; call often)."""
+    if _abandon_on:
+        raise Interrupted(_abandon_on[0], None, None)
 
 
 class Interrupted(Exception):
@@ -41,7 +50,8 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:  # the second one: abandon whatever is running
-            raise Interrupted(signum, None, None)
+            _abandon_on[:] = [signum]
+            return
         self.signum = signum
         log.warning("%s received: stopping after the current iteration (send it again to abandon it)",
                     signal.Signals(signum).name)
@@ -55,5 +65,6 @@ class StopRequest:
         try:
             yield self
         finally:
+            _abandon_on.clear()
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -30,6 +30,7 @@ from hybrid_ppo.roles.reward import RuleReward
 from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, sampling_seed
 from hybrid_ppo.samples import SampleLog
 from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
+from hybrid_ppo.stopping import check_abandoned
 from hybrid_ppo.tasks.base import Example
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class PPOTrainer:
 
     @contextmanager
     def phase(self, phase: Phase, record: bool = True) -> Iterator[None]:
+        check_abandoned()  # a second SIGINT/SIGTERM: no new phase
         start = time.perf_counter()
         try:
             moves = self.scheduler.enter(phase)

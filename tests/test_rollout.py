@@ -70,6 +70,23 @@ def test_engine_needs_weights_from_the_actor(model_and_tokenizer):
     assert torch.equal(out.response_ids[kept], expected[:, :out.response_ids.shape[1]][kept])
 
 
+def test_a_seed_decides_the_sample_and_leaves_the_global_rng_alone(model_and_tokenizer):
+    model, tokenizer, path = model_and_tokenizer
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    engine.load_weights(_weights(model))
+    prompts = [tokenizer("max 1 2 3 4 =")["input_ids"]] * 16
+
+    def sample(seed):
+        return engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=1.0, seed=seed)).response_ids
+
+    torch.manual_seed(5)
+    first = sample(11)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(sample(11), first) and torch.equal(torch.rand(1), after)  # seeded inside a fork
+    assert not torch.equal(sample(12), first)
+
+
 def test_sleep_levels(model_and_tokenizer):
     model, tokenizer, path = model_and_tokenizer
     engine = HFEngine(path, torch.float32, torch.device("cpu"))

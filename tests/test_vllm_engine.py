@@ -134,6 +134,21 @@ def test_sampled_output_has_the_same_layout(setup):
     assert (out.response_ids[out.response_mask == 0] == pad).all()
 
 
+def test_a_seed_decides_the_sample(setup):
+    """What a resumed run relies on: the same seed samples the same tokens, another seed others.
+    Rows get seed + row, so repeated prompts in one call still differ."""
+    engine, prompts = _loaded(setup)
+    batch = prompts * 4
+
+    def sample(seed):
+        return engine.generate(batch, SamplingParams(max_new_tokens=6, temperature=1.0, seed=seed)).response_ids
+
+    first = sample(11)
+    assert torch.equal(sample(11), first)
+    assert not torch.equal(sample(12), first)
+    assert not all(torch.equal(first[i], first[i + len(prompts)]) for i in range(len(prompts)))
+
+
 def test_sleep_and_wake_follow_the_protocol(setup):
     engine, prompts = _loaded(setup)
     before = engine.generate(prompts, GREEDY).response_ids
