@@ -166,10 +166,27 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = 0.5
     """vLLM: fraction of each GPU the engine may take while awake (weights + KV cache)."""
     weight_sync_bucket_mb: int = 512
-    """Actor -> engine weights travel in flat buckets of this many MiB."""
+    """Actor -> engine weights travel in buckets of whole layers of at most this many MiB (a bigger layer goes alone)."""
+    weight_sync_slots: int = 1
+    """Staging buffers per actor rank: 2 gathers bucket k+1 while the engines load bucket k (one more bucket of memory)."""
+    enable_prefix_caching: bool = False
+    """vLLM: reuse the KV blocks of shared prompt prefixes (samples_per_prompt > 1); reset after every sync."""
+    enforce_eager: bool = False
+    """vLLM: no CUDA graphs / torch.compile (slower decoding, faster start, less memory; set true on CPU)."""
+    max_model_len: int | None = None
+    """vLLM: longest prompt + response it plans KV blocks for; null: data.max_prompt_tokens + max_new_tokens."""
+    seed: int | None = None
+    """Sampling seed of engine 0 (engine e uses seed + e); null: train.seed."""
+    full_determinism: bool = False
+    """Reproducible rollouts: vLLM's batch-invariant kernels and one process (CUDA only), deterministic torch for HF."""
 
     def __post_init__(self) -> None:
         self._positive("tensor_parallel_size", "max_new_tokens", "temperature", "weight_sync_bucket_mb")
+        self._require(self.weight_sync_slots in (1, 2), "weight_sync_slots", "1 or 2")
+        if self.max_model_len is not None:
+            self._positive("max_model_len")
+        if self.seed is not None:
+            self._require(self.seed >= 0, "seed", "an integer >= 0")
         self._require(0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]")
         self._require(self.sleep_level in (1, 2), "sleep_level", "1 or 2")
         self._require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "a number in (0, 1]")
@@ -342,12 +359,26 @@ class Config:
         if self.model.reward_model is not None and self.data.eval_size % gpus:
             raise ConfigError("data.eval_size", self.data.eval_size,
                               f"a multiple of placement.num_gpus ({gpus}): reward-model ranks score equal shards")
+        needed = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if self.rollout.max_model_len is not None and self.rollout.max_model_len < needed:
+            raise ConfigError("rollout.max_model_len", self.rollout.max_model_len,
+                              f">= data.max_prompt_tokens + rollout.max_new_tokens = {needed}, or null")
         if self.data.eval_prompts is None and not self.data.prompts.startswith(BUILTIN_PREFIX):
             raise ConfigError("data.eval_prompts", None, "a prompt file or dataset path (required when data.prompts is not builtin)")
 
     @property
     def num_engines(self) -> int:
         return self.placement.num_gpus // self.rollout.tensor_parallel_size
+
+    @property
+    def max_model_len(self) -> int:
+        """The rollout engines' context length: rollout.max_model_len, or prompt + response caps."""
+        return self.rollout.max_model_len or self.data.max_prompt_tokens + self.rollout.max_new_tokens
+
+    @property
+    def rollout_seed(self) -> int:
+        """Engine 0's sampling seed (engine e: + e)."""
+        return self.train.seed if self.rollout.seed is None else self.rollout.seed
 
     @property
     def grad_accum_steps(self) -> int:

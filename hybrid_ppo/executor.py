@@ -83,16 +83,17 @@ class RoleError(RuntimeError):
 
 
 class Pending:
-    """Results of a submitted call, in rank order. `result()` blocks until every rank is done."""
+    """Results of a submitted call, in rank order. `result()` blocks until every rank is done;
+    with `timeout_s`, at most that long, then TimeoutError names the ranks still running."""
 
-    def __init__(self, resolve: Callable[[], list]):
-        self._resolve: Callable[[], list] | None = resolve
+    def __init__(self, resolve: Callable[..., list]):
+        self._resolve: Callable[..., list] | None = resolve
         self._value: list = []
 
-    def result(self) -> list:
+    def result(self, timeout_s: float | None = None) -> list:
         if self._resolve is not None:
             resolve, self._resolve = self._resolve, None
-            self._value = resolve()
+            self._value = resolve(timeout_s) if timeout_s is not None else resolve()
         return self._value
 
 
@@ -186,11 +187,11 @@ class LocalRoleGroup(RoleGroup):
             error = RoleError(self.name, 0, method, err)
             error.__cause__ = err
 
-            def fail() -> list:
+            def fail(*_timeout: float) -> list:  # it already ran: nothing to wait for
                 raise error
 
             return Pending(fail)
-        return Pending(lambda: value)
+        return Pending(lambda *_timeout: value)
 
 
 class LocalExecutor:

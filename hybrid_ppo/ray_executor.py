@@ -90,12 +90,12 @@ class RayRoleGroup(RoleGroup):
     def submit_each(self, method: str, per_rank_args: Sequence[tuple], **kwargs: Any) -> Pending:
         self._check_args(per_rank_args)
         refs = [self._bound(rank, method).remote(*args, **kwargs) for rank, args in enumerate(per_rank_args)]
-        return Pending(lambda: self._gather(method, list(enumerate(refs))))
+        return Pending(lambda timeout_s=None: self._gather(method, list(enumerate(refs)), timeout_s))
 
     def submit_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Pending:
         self._check_rank(rank)
         ref = self._bound(rank, method).remote(*args, **kwargs)
-        return Pending(lambda: self._gather(method, [(rank, ref)]))
+        return Pending(lambda timeout_s=None: self._gather(method, [(rank, ref)], timeout_s))
 
     def wait_ready(self, timeout_s: float = SPAWN_TIMEOUT_S) -> None:
         """Block until every rank's constructor returned; a failed one raises RoleError('__init__').

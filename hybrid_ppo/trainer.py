@@ -27,7 +27,8 @@ from hybrid_ppo.memory.plan import Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.roles.reward import RuleReward
-from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, sampling_seed
+from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, logprob_diff_max, sampling_seed
+from hybrid_ppo.rollout.sync_driver import sync_weights
 from hybrid_ppo.samples import SampleLog
 from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
 from hybrid_ppo.stopping import check_abandoned
@@ -55,6 +56,7 @@ class Rollout:
     sequences: Sequences
     examples: list[Example]
     responses: list[str]  # decoded text before the first stop token, without special tokens
+    engine_logprobs: torch.Tensor | None = None  # [B, R] the engines' log-probs of the sampled tokens, if they give them
 
 
 class PPOTrainer:
@@ -77,6 +79,9 @@ class PPOTrainer:
         if self.samples is not None:
             self.samples.write(self.iteration + 1, [e.prompt for e in examples], rollout.responses,
                                scores["scores"].tolist(), [e.label for e in examples])
+        if rollout.engine_logprobs is not None:
+            self._metrics["rollout/logprob_diff_max"] = logprob_diff_max(
+                rollout.engine_logprobs, scores["old_logprobs"], rollout.sequences.action_mask)
         with self.phase(Phase.ADVANTAGE):
             experience = self.make_experience(rollout, **scores)
         with self.phase(Phase.TRAIN_CRITIC):
@@ -98,12 +103,13 @@ class PPOTrainer:
         response_mask = torch.cat([o.response_mask for o in outputs])
         self._metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
         sequences = _assemble(prompts, response_ids, response_mask, self.special.pad_id)
-        return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask))
+        engine_logprobs = None if any(o.logprobs is None for o in outputs) else torch.cat([o.logprobs for o in outputs])
+        return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask), engine_logprobs)
 
     def _seeded(self, sampling: SamplingParams, rank: int) -> SamplingParams:
         if sampling.greedy:
             return sampling
-        return dataclasses.replace(sampling, seed=sampling_seed(self.cfg.train.seed, self.iteration, rank))
+        return dataclasses.replace(sampling, seed=sampling_seed(self.cfg.rollout_seed, self.iteration, rank))
 
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         return decode_responses(self.tokenizer, self.special, response_ids, response_mask)
@@ -137,10 +143,11 @@ class PPOTrainer:
         return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards]))
 
     def sync_weights(self) -> None:
-        """Actor -> engines. Every actor rank joins (ZeRO-3 gathers); rank 0 returns the buckets."""
-        buckets = self.roles.actor.call("export_weights")[0]
-        received = self.roles.rollout.call("load_weight_buckets", buckets)
-        self._metrics["rollout/sync_mib"] = received[0] / 2**20
+        """Actor -> engines, bucket by bucket: actor rank i hands each bucket to the engine worker on
+        GPU i; the driver passes handles only (rollout/sync_driver.py)."""
+        r = self.cfg.rollout
+        stats = sync_weights(self.roles.actor, self.roles.rollout, r.tensor_parallel_size, slots=r.weight_sync_slots)
+        self._metrics.update(stats.metrics())
 
     # -- scoring helpers ----------------------------------------------------------------------
     def sequence_rewards(self, rollout: Rollout) -> torch.Tensor:

@@ -12,9 +12,8 @@ import torch
 from hybrid_ppo.memory.plan import State
 from hybrid_ppo.memory.residency import EngineResidency
 from hybrid_ppo.roles.reward import RewardError, RuleReward, load_reward_fn
-from hybrid_ppo.rollout.engine import SamplingParams, left_pad, response_mask
+from hybrid_ppo.rollout.engine import SamplingParams, left_pad, logprob_diff_max, response_mask
 from hybrid_ppo.rollout.hf_engine import HFEngine
-from hybrid_ppo.rollout.weight_sync import pack_buckets
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,29 @@ def test_left_pad_right_aligns_prompts():
     assert ids.tolist() == [[7, 8, 9], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_buckets_round_trip_and_respect_the_size():
-    named = [(f"w{i}", torch.randn(10, 10)) for i in range(5)] + [("h", torch.randn(3).to(torch.bfloat16))]
-    buckets = pack_buckets(named, bucket_bytes=2 * 400)  # two fp32 10x10 tensors per bucket
-    assert [len(b.names) for b in buckets if b.flat.dtype == torch.float32] == [2, 2, 1]
-    unpacked = dict(item for b in buckets for item in b.unpack())
-    for name, tensor in named:
-        assert torch.equal(unpacked[name], tensor)
+def test_logprob_diff_max_looks_at_sampled_tokens_only():
+    engine = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.1, -0.1]])
+    actor = torch.tensor([[-1.1, -2.0, 0.0], [-0.5, -0.4, -0.1]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert logprob_diff_max(engine, actor, mask) == pytest.approx(0.3)
+    assert logprob_diff_max(engine, actor, torch.zeros_like(mask)) == 0.0
+
+
+def test_engine_logprobs_are_the_models_own_at_the_sampling_temperature(model_and_tokenizer):
+    model, tokenizer, path = model_and_tokenizer
+    engine = HFEngine(path, torch.float32, torch.device("cpu"))
+    engine.load_weights(_weights(model))
+    prompts = [tokenizer("max 1 2 3 4 =")["input_ids"], tokenizer("max 9 =")["input_ids"]]
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.7, seed=0)
+    out = engine.generate(prompts, sampling)
+    for row, prompt in enumerate(prompts):
+        n = int(out.response_mask[row].sum())
+        ids = torch.tensor([prompt + out.response_ids[row, :n].tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1] / sampling.temperature
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[row, :n], expected, atol=1e-5, rtol=1e-5)
+        assert (out.logprobs[row, n:] == 0).all()
 
 
 def test_engine_needs_weights_from_the_actor(model_and_tokenizer):

@@ -13,7 +13,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from hybrid_ppo.config import Config  # noqa: E402
+from hybrid_ppo.config import Config, load_config  # noqa: E402
 from hybrid_ppo.rollout.engine import SamplingParams  # noqa: E402
 from hybrid_ppo.rollout.hf_engine import HFEngine  # noqa: E402
 from hybrid_ppo.rollout.vllm_engine import VLLMEngine  # noqa: E402
@@ -36,7 +36,7 @@ def family(request, chat_checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"], tokenizer("Hello world")["input_ids"]]
-    engine = VLLMEngine(Config(), str(path))
+    engine = VLLMEngine(load_config(None, ["rollout.enforce_eager=true"]), str(path))
     yield name, path, engine, AutoModelForCausalLM.from_pretrained(path), tokenizer, prompts
     del engine
 

@@ -14,13 +14,13 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from hybrid_ppo.config import Config  # noqa: E402
+from hybrid_ppo.config import ConfigError, load_config  # noqa: E402
 from hybrid_ppo.memory.plan import State  # noqa: E402
 from hybrid_ppo.memory.residency import EngineResidency  # noqa: E402
 from hybrid_ppo.rollout.engine import SamplingParams, response_mask  # noqa: E402
 from hybrid_ppo.rollout.hf_engine import HFEngine  # noqa: E402
 from hybrid_ppo.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from hybrid_ppo.rollout.weight_sync import pack_buckets  # noqa: E402
+from hybrid_ppo.rollout.weight_sync import BucketStager, bucket_plan, leftover_segments  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 TEXTS = ("max 1 2 3 4 =", "max 9 1 =", "max 5 =", "max 3 1 4 1 5 9 2 6 =")
@@ -43,7 +43,7 @@ def setup(tmp_path_factory) -> Setup:
     tokenizer = build_tokenizer()
     models = [build_tiny_llama(tokenizer, seed=s) for s in (0, 1)]
     models[0].config.save_pretrained(path)  # config.json alone: both engines get weights by sync
-    engine = VLLMEngine(Config(), str(path))
+    engine = VLLMEngine(load_config(None, ["rollout.enforce_eager=true"]), str(path))
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     try:
         engine.generate(prompts, GREEDY)
@@ -115,13 +115,60 @@ def test_a_sync_changes_the_policy_and_layout_pads_after_eos(setup):
 def test_a_bucketed_sync_that_splits_fused_layers_is_applied_whole(setup):
     engine, prompts = _loaded(setup, seed=1)
     models, path = setup.models, setup.path
-    # ~16 KiB buckets cut q/k/v and gate/up, which vLLM fuses, across buckets
-    buckets = pack_buckets(_weights(models[0]), bucket_bytes=16 << 10)
-    assert len(buckets) > 5
-    for bucket in buckets:
-        engine.load_weights(bucket.unpack())
+    weights = _weights(models[0])
+    for k in range(0, len(weights), 2):  # two tensors at a time cut q/k/v and gate/up apart
+        engine.load_weights(weights[k:k + 2])
     expected = _hf_generate(path, models[0], prompts, GREEDY)
     assert torch.equal(engine.generate(prompts, GREEDY).response_ids, expected.response_ids)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 150 << 10])  # one layer per bucket; several layers per bucket
+def test_staged_buckets_are_applied_one_by_one_in_the_engine_process(setup, bucket_bytes):
+    """The real path: shared-memory buckets opened by vLLM's worker process, each bucket applied
+    as it arrives (vLLM's in-place reload keeps the layers a bucket leaves out)."""
+    engine, prompts = _loaded(setup, seed=1)
+    models, path = setup.models, setup.path
+    weights = _weights(models[0])
+    plan = bucket_plan([n for n, _ in weights], [t.numel() * 4 for _, t in weights], bucket_bytes)
+    assert len(plan) >= 3
+    before = leftover_segments()
+    stager = BucketStager(torch.device("cpu"), torch.float32, max(sum(weights[i][1].numel() for i in b) for b in plan), 1)
+    try:
+        for k, bucket in enumerate(plan):
+            engine.load_bucket([stager.stage(k, [weights[i] for i in bucket])])
+            if k == 0:  # part of a sync is not a policy
+                with pytest.raises(RuntimeError, match="sync from the actor"):
+                    engine.generate(prompts, GREEDY)
+        engine.finish_weight_sync()
+    finally:
+        stager.close()
+    assert leftover_segments() == before
+    expected = _hf_generate(path, models[0], prompts, GREEDY)
+    assert torch.equal(engine.generate(prompts, GREEDY).response_ids, expected.response_ids)
+
+
+def test_sampled_logprobs_match_the_models_own(setup):
+    """`Generation.logprobs` is log softmax(logits / T) of the sampled tokens (top_p = 1)."""
+    engine, prompts = _loaded(setup, seed=0)
+    sampling = SamplingParams(max_new_tokens=5, temperature=0.7)
+    out = engine.generate(prompts, sampling)
+    model = setup.models[0]
+    for row, prompt in enumerate(prompts):
+        n = int(out.response_mask[row].sum())
+        ids = torch.tensor([prompt + out.response_ids[row, :n].tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1] / sampling.temperature
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[row, :n], expected, atol=1e-4, rtol=1e-4)
+        assert (out.logprobs[row, n:] == 0).all()
+
+
+def test_full_determinism_is_refused_without_cuda(setup):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA honours rollout.full_determinism")
+    cfg = load_config(None, ["rollout.full_determinism=true", "rollout.enforce_eager=true"])
+    with pytest.raises(ConfigError, match="rollout.full_determinism.*CUDA-only"):
+        VLLMEngine(cfg, setup.path)
 
 
 def test_sampled_output_has_the_same_layout(setup):

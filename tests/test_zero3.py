@@ -1,5 +1,5 @@
-"""The actor under ZeRO-3 (FusedAdam, partitioned loading): bucketed weight export gathers each
-bucket in turn and yields the full weights, and offload / reload leave a trainable engine."""
+"""The actor under ZeRO-3 (FusedAdam, partitioned loading): staging a sync gathers each bucket
+in turn and yields the full weights, and offload / reload leave a trainable engine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import LocalExecutor
+from hybrid_ppo.rollout.weight_sync import opened_bucket
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,19 @@ def _sequences() -> Sequences:
     return Sequences(tokens, torch.ones_like(tokens), torch.ones(32, 3, dtype=torch.long))
 
 
+def _staged_weights(actor, bucket_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Every bucket the actor stages for a sync, read back from shared memory as an engine would."""
+    count, _ = actor.call("begin_weight_sync", bucket_bytes)[0]
+    weights: dict[str, torch.Tensor] = {}
+    try:
+        for k in range(count):
+            with opened_bucket(actor.call("stage_bucket", k)[0]) as named:
+                weights.update((name, tensor.clone()) for name, tensor in named)
+    finally:
+        actor.call("end_weight_sync")
+    return weights, count
+
+
 @pytest.mark.slow
 def test_zero3_actor_exports_full_weights_in_buckets(checkpoint):
     from hybrid_ppo.roles.actor import Actor
@@ -41,9 +55,8 @@ def test_zero3_actor_exports_full_weights_in_buckets(checkpoint):
         assert engine.zero_optimization_stage() == 3
         assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned, not whole
 
-        buckets = actor.call("export_weights", 64 << 10)[0]  # 64 KiB: several buckets
-        assert len(buckets) > 3
-        exported = dict(item for bucket in buckets for item in bucket.unpack())
+        exported, count = _staged_weights(actor, 64 << 10)  # 64 KiB: several buckets (of whole layers)
+        assert count > 3
         assert exported.keys() == weights.keys()
         for name, tensor in weights.items():
             torch.testing.assert_close(exported[name], tensor, msg=name)
@@ -58,7 +71,7 @@ def test_zero3_actor_exports_full_weights_in_buckets(checkpoint):
                                       rewards=zeros, advantages=torch.randn(old_logprobs.shape), returns=zeros)
         stats = actor.call("train", experience, 0)[0]
         assert stats["actor/epochs"] == cfg.train.ppo_epochs
-        after = dict(item for b in actor.call("export_weights")[0] for item in b.unpack())
+        after, _ = _staged_weights(actor)
         assert any(not torch.equal(after[name], weights[name]) for name in weights)  # the step moved weights
     finally:
         executor.shutdown()

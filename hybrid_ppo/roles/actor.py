@@ -15,7 +15,7 @@ from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
 from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
 from hybrid_ppo.roles.models import load_causal_lm
 from hybrid_ppo.roles.trained import TrainedRole
-from hybrid_ppo.rollout.weight_sync import WeightBucket, bucket_plan, pack_bucket
+from hybrid_ppo.rollout.weight_sync import BucketHandle, BucketStager, bucket_plan
 
 
 class Actor(TrainedRole):
@@ -23,6 +23,7 @@ class Actor(TrainedRole):
 
     def __init__(self, cfg: Config, dist, model_path: str):
         self.model_path = model_path
+        self._sync: tuple[list, BucketStager] | None = None  # buckets and buffers of the sync in progress
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
 
     @torch.no_grad()
@@ -60,22 +61,39 @@ class Actor(TrainedRole):
         kls = epoch_stats["actor/approx_kl"]
         return self.mean_across_ranks(sum(kls) / max(len(kls), 1)) > target  # every step skipped: 0
 
-    def export_weights(self, bucket_bytes: int | None = None) -> list[WeightBucket] | None:
-        """HF-named weights in flat buckets (SYNC); rank 0 returns them.
-
-        Under ZeRO-3 each bucket's parameters are gathered, copied out and released in turn, so
-        the gather never holds more than one bucket beyond this rank's shard. Collective.
-        """
+    # -- SYNC: the actor side of rollout/weight_sync.py's protocol ----------------------------
+    def begin_weight_sync(self, bucket_bytes: int | None = None, slots: int = 1) -> tuple[int, list[str]]:
+        """Plan this sync's buckets (whole layers, in the rollout dtype) and allocate `slots`
+        staging buffers of the largest bucket. Every rank plans the same buckets. Returns their
+        count and the shared-memory segments made (none on CUDA), so the driver can remove them
+        should this rank die before `end_weight_sync`."""
         named = list(self.engine.module.named_parameters())
+        dtype = torch_dtype(self.cfg.model.dtype)  # the engines are built in this dtype
+        element = torch.empty(0, dtype=dtype).element_size()
         bucket_bytes = bucket_bytes or self.cfg.rollout.weight_sync_bucket_mb << 20
-        plan = bucket_plan([(p.dtype, full_numel(p)) for _, p in named], bucket_bytes)
-        buckets = []
-        for indices in plan:
-            chunk = [named[i] for i in indices]
-            with gathered_parameters(self.engine, [p for _, p in chunk]):
-                if self.rank == 0:
-                    buckets.append(pack_bucket([(name, p.detach()) for name, p in chunk]))
-        return buckets if self.rank == 0 else None
+        plan = bucket_plan([n for n, _ in named], [full_numel(p) * element for _, p in named], bucket_bytes)
+        capacity = max(sum(full_numel(named[i][1]) for i in bucket) for bucket in plan)
+        self.end_weight_sync()  # a previous sync that failed half-way leaves nothing behind
+        stager = BucketStager(self.device, dtype, capacity, slots)
+        self._sync = ([[named[i] for i in bucket] for bucket in plan], stager)
+        return len(plan), stager.segments
+
+    def stage_bucket(self, index: int) -> BucketHandle:
+        """Bucket `index` in full in this rank's staging buffer; its handle for the engine worker on
+        this GPU. Collective under ZeRO-3: every rank gathers the bucket's parameters, copies them
+        and releases the gather, so the gather never holds more than one bucket beyond the shard."""
+        if self._sync is None:
+            raise RuntimeError("stage_bucket() before begin_weight_sync()")
+        buckets, stager = self._sync
+        chunk = buckets[index]
+        with gathered_parameters(self.engine, [p for _, p in chunk]):
+            return stager.stage(index, chunk)
+
+    def end_weight_sync(self) -> None:
+        """Free the staging buffers (on CPU: unlink the shared-memory segments). Idempotent."""
+        sync, self._sync = getattr(self, "_sync", None), None
+        if sync is not None:
+            sync[1].close()
 
     def save(self, path: str) -> None:
         """Final HF-format checkpoint (weights + config); collective under ZeRO-3, rank 0 writes."""

@@ -5,15 +5,20 @@
 * `wake_up(tags)`: tags are `"weights"` and `"kv_cache"`. Waking `weights` alone after level 2
   gives allocated but undefined weights: `load_weights` must fill them before `generate`.
 * `load_weights(named tensors)`: HF parameter names, full (unsharded) tensors.
+* `load_bucket(handles)` / `finish_weight_sync()`: the same, from buffers the actor ranks staged
+  (rollout/weight_sync.py): one handle per worker of the engine, whole layers per bucket.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hybrid_ppo.rollout.weight_sync import BucketHandle
 
 WAKE_TAGS = ("weights", "kv_cache")
 
@@ -34,6 +39,7 @@ class SamplingParams:
 class Generation:
     response_ids: Tensor  # [B, R] int64, R = max_new_tokens, right-padded with the pad id
     response_mask: Tensor  # [B, R] 1 on generated tokens up to and including the first EOS (any EOS id)
+    logprobs: Tensor | None = None  # [B, R] float32 engine's log pi(token) as sampled (temperature, top-p); 0 on padding
 
 
 class RolloutEngine(Protocol):
@@ -44,6 +50,10 @@ class RolloutEngine(Protocol):
     def wake_up(self, tags: list[str]) -> None: ...
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
+
+    def load_bucket(self, handles: list[BucketHandle]) -> None: ...
+
+    def finish_weight_sync(self) -> None: ...
 
 
 def sampling_seed(seed: int, iteration: int, rank: int) -> int:
@@ -90,3 +100,11 @@ def check_wake_tags(tags: Iterable[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown wake_up tag(s) {unknown}; allowed: {', '.join(WAKE_TAGS)}")
     return tags
+
+
+def logprob_diff_max(engine_logprobs: Tensor, actor_logprobs: Tensor, mask: Tensor) -> float:
+    """max |engine log-prob - actor log-prob| over the sampled tokens: how far the policy that
+    generated differs from the one being trained (weight sync, kernels, dtype, top-p)."""
+    if not mask.any():
+        return 0.0
+    return float((engine_logprobs.float() - actor_logprobs.float()).abs()[mask.bool()].max())

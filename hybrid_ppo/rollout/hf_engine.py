@@ -16,6 +16,7 @@ from torch import Tensor
 
 from hybrid_ppo.rollout.engine import Generation, SamplingParams, check_wake_tags, left_pad, pad_responses, response_mask
 from hybrid_ppo.special_tokens import resolve_special_tokens
+from hybrid_ppo.rollout.weight_sync import BucketHandle, opened_bucket, read_bucket_into
 
 
 class HFEngine:
@@ -44,7 +45,7 @@ class HFEngine:
                                f"e.g. {sorted(missing)[0]!r}: sync from the actor first")
         if not prompt_token_ids:  # an engine with no share of a small batch
             empty = torch.empty(0, sampling.max_new_tokens, dtype=torch.long)
-            return Generation(empty, empty.clone())
+            return Generation(empty, empty.clone(), torch.zeros(empty.shape))
         pad_id, eos_ids = self.special.pad_id, list(self.special.eos_ids)
         ids, attention = left_pad(prompt_token_ids, pad_id)
         width = ids.shape[1]
@@ -57,9 +58,11 @@ class HFEngine:
                 torch.manual_seed(sampling.seed)
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
                                       max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_ids,
-                                      pad_token_id=pad_id, **knobs)
-        responses = pad_responses(out[:, width:].cpu(), sampling.max_new_tokens, pad_id)
-        return Generation(responses, response_mask(responses, eos_ids))
+                                      pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
+                                      **knobs)
+        responses = pad_responses(out.sequences[:, width:].cpu(), sampling.max_new_tokens, pad_id)
+        mask = response_mask(responses, eos_ids)
+        return Generation(responses, mask, _sampled_logprobs(out.scores, responses, mask))
 
     def sleep(self, level: int) -> None:
         if level not in (1, 2):
@@ -87,9 +90,46 @@ class HFEngine:
             raise RuntimeError("HF engine: wake_up(['weights']) before load_weights")
         params = self._params()
         for name, tensor in weights:
-            if name not in params:
-                raise KeyError(f"HF engine has no parameter {name!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name!r}: engine shape {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
+            self._check_weight(params, name, tensor.shape)
             params[name].copy_(tensor)
             self._loaded.add(name)
+
+    @staticmethod
+    def _check_weight(params: dict[str, Tensor], name: str, shape) -> None:
+        if name not in params:
+            raise KeyError(f"HF engine has no parameter {name!r}")
+        if tuple(params[name].shape) != tuple(shape):
+            raise ValueError(f"weight {name!r}: engine shape {tuple(params[name].shape)}, got {tuple(shape)}")
+
+    def load_bucket(self, handles: list[BucketHandle]) -> None:
+        """Copy one staged bucket into the parameters (TP=1: one handle); the mapping closes after."""
+        if len(handles) != 1:
+            raise ValueError(f"HF engine has one worker; got {len(handles)} bucket handles")
+        if "weights" not in self.awake:
+            raise RuntimeError("HF engine: wake_up(['weights']) before load_bucket")
+        handle = handles[0]
+        if handle.transport == "shm" and self.device.type == "cpu":
+            params = self._params()
+            for name, shape in zip(handle.names, handle.shapes):
+                self._check_weight(params, name, shape)
+            read_bucket_into(handle, {name: params[name].data for name in handle.names})
+            self._loaded.update(handle.names)
+            return
+        with opened_bucket(handle, self.device) as named:
+            self.load_weights(named)
+
+    def finish_weight_sync(self) -> None:
+        missing = set(self._params()) - self._loaded
+        if missing:
+            raise RuntimeError(f"HF engine: the sync ended without {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
+
+
+def _sampled_logprobs(scores: tuple[Tensor, ...], responses: Tensor, mask: Tensor) -> Tensor:
+    """[B, R] log-prob of each sampled token under the distribution generate() sampled from (its
+    processed scores: after temperature and top-p, as vLLM's `processed_logprobs`); 0 on padding.
+    One [B, V] step at a time, so no [B, R, V] float32 copy is made."""
+    logprobs = torch.zeros(responses.shape, dtype=torch.float32)
+    for t, step in enumerate(scores[:responses.shape[1]]):
+        tokens = responses[:, t:t + 1].to(step.device)
+        logprobs[:, t] = torch.log_softmax(step.float(), -1).gather(-1, tokens)[:, 0].cpu()
+    return torch.where(mask.bool(), logprobs, 0.0)  # a pad token may lie outside top-p: -inf there

