@@ -13,7 +13,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from hybrid_ppo.config import Config, load_config  # noqa: E402
+from hybrid_ppo.config import load_config  # noqa: E402
 from hybrid_ppo.rollout.engine import SamplingParams  # noqa: E402
 from hybrid_ppo.rollout.hf_engine import HFEngine  # noqa: E402
 from hybrid_ppo.rollout.vllm_engine import VLLMEngine  # noqa: E402
