@@ -52,20 +52,27 @@ class ResidentRole:
     residency: Residency
 
     def offload_states(self, states: list[str]) -> dict[str, Any]:
-        return self._move(self.residency.offload, states)
+        return self._move(self.residency.offload, states, count_before=True)
 
     def reload_states(self, states: list[str]) -> dict[str, Any]:
-        return self._move(self.residency.reload, states)
+        return self._move(self.residency.reload, states, count_before=False)
 
     def resident_states(self) -> list[str]:
         return sorted(s.value for s in self.residency.resident)
 
-    def _move(self, move, states: list[str]) -> dict[str, Any]:
+    def _move(self, move, states: list[str], count_before: bool) -> dict[str, Any]:
+        moving = frozenset(State(s) for s in states)
+        # Bytes are counted from the tensors while they are resident: before an offload, after a reload.
+        moved = self.residency.state_bytes(moving) if count_before else None
         before = snapshot()
         start = time.perf_counter()
-        move(frozenset(State(s) for s in states))
+        move(moving)
         release_cached_memory()
-        return {"seconds": time.perf_counter() - start, "before": before.as_dict(), "after": snapshot().as_dict(),
+        seconds = time.perf_counter() - start
+        after = snapshot()
+        if moved is None:
+            moved = self.residency.state_bytes(moving)
+        return {"seconds": seconds, "before": before.as_dict(), "after": after.as_dict(), "bytes": moved,
                 "pid": os.getpid()}  # roles sharing a process (local executor) share these readings
 
 
