@@ -73,6 +73,7 @@ class ResidentRole:
         if moved is None:
             moved = self.residency.state_bytes(moving)
         return {"seconds": seconds, "before": before.as_dict(), "after": after.as_dict(), "bytes": moved,
+                "wall_time": time.time(),  # the x axis of memory_timeline.png
                 "pid": os.getpid()}  # roles sharing a process (local executor) share these readings
 
 
