@@ -26,7 +26,8 @@ def _png_size(path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_profile_three_iterations(tmp_path, capsys):
     assert main(["profile", "placement.executor=local", "warmup.steps=20", "data.eval_size=16",
-                 "logging.tensorboard=false", f"logging.cache_dir={CACHE}", f"logging.output_dir={tmp_path}", "logging.run_name=p"]) == 0
+                 "logging.tensorboard=false", f"logging.cache_dir={CACHE}", f"logging.output_dir={tmp_path}",
+                 "logging.run_name=p"]) == 0
     run = tmp_path / "p"
     assert "planner vs measured" in capsys.readouterr().out
 

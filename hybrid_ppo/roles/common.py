@@ -90,9 +90,15 @@ class FrozenRole(ResidentRole):
 
 
 def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
-    """[B, R, V] logits of the distributions that produced each response token (a view, no copy)."""
-    out = model(input_ids=seq.tokens, attention_mask=seq.attention_mask, position_ids=position_ids(seq.attention_mask))
-    return out.logits[:, seq.prompt_len - 1:-1]  # position P-1+t predicts response token t
+    """[B, R, V] logits of the distributions that produced each response token.
+
+    Position P-1+t predicts response token t. Only those R positions go through the LM head
+    (transformers' `logits_to_keep` takes the indices), so no [B, P+R, V] tensor ever exists: with
+    a 150k vocabulary the prompt's logits would dwarf everything else in a micro-batch."""
+    keep = torch.arange(seq.prompt_len - 1, seq.tokens.shape[1] - 1, device=seq.tokens.device)
+    out = model(input_ids=seq.tokens, attention_mask=seq.attention_mask, position_ids=position_ids(seq.attention_mask),
+                logits_to_keep=keep)
+    return out.logits
 
 
 def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,
