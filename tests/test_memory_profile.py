@@ -47,3 +47,19 @@ def test_profile_three_iterations(tmp_path, capsys):
 
     assert _png_size(run / "memory_timeline.png") == (FIGURE_INCHES[0] * DPI, FIGURE_INCHES[1] * DPI)
     assert "planner vs measured" in (run / "memory_report.txt").read_text()
+
+
+@pytest.mark.gpu
+def test_counted_bytes_are_what_an_offload_frees_on_the_device():
+    import torch
+
+    from hybrid_ppo.memory.plan import State
+    from hybrid_ppo.memory.residency import ModuleResidency
+
+    weights = frozenset({State.WEIGHTS})
+    residency = ModuleResidency(torch.nn.Linear(1024, 1024).cuda(), torch.device("cuda"))
+    counted = residency.state_bytes(weights)["weights"]["params"]
+    before = torch.cuda.memory_allocated()
+    residency.offload(weights)
+    torch.cuda.synchronize()
+    assert counted == (1024 * 1024 + 1024) * 4 == before - torch.cuda.memory_allocated()
