@@ -126,3 +126,26 @@ def test_plan_every_preset(preset, capsys):
 def test_plan_names_a_missing_model(capsys):
     assert main(["plan", "model.actor=/nonexistent/model"]) == 2
     assert "/nonexistent/model" in capsys.readouterr().err
+
+
+def test_capacity_keys_are_checked():
+    from hybrid_ppo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="placement.gpu_memory_gib"):
+        load_config(None, ["placement.gpu_memory_gib=0"])
+    with pytest.raises(ConfigError, match="placement.host_memory_gib"):
+        load_config(None, ["placement.host_memory_gib=-1"])
+
+
+def test_gpu_peaks_compare_without_contexts(small_model):
+    """The GPU-only comparison: torch-allocated per-phase totals against the plan less the CUDA
+    contexts and communicators, which the allocator never sees."""
+    from hybrid_ppo.memory.profile_run import _peak_comparison
+    from hybrid_ppo.memory.report import MemoryReport, PhaseMemory
+
+    plan = estimate(_cfg(small_model))
+    planned = sum(v for terms in plan.phases["train_actor"].roles.values() for k, v in terms.items()
+                  if k not in ("cuda_context", "nccl")) / GIB
+    report = MemoryReport("device_allocated_gib", 1, {"train_actor": PhaseMemory({"actor": 1.0}, 2 * planned, 0.0)})
+    peaks = _peak_comparison(report, plan)
+    assert peaks == {"train_actor": {"measured": 2 * planned, "planned": planned, "error": pytest.approx(1.0)}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 FIGURE_INCHES, DPI = (14, 6), 100  # a 1400 x 600 PNG
+MIN_LABELLED_BAND = 0.006  # a phase band narrower than this fraction of the run gets no label
 
 
 def role_series(records: list[dict]) -> tuple[list[float], dict[str, list[float]], str]:
@@ -67,9 +68,11 @@ def plot_timeline(records: list[dict], path: Path, title: str) -> Path:
         ax.stackplot(times, *series.values(), labels=list(series), step="post", alpha=0.85)
         top = max((sum(v[i] for v in series.values()) for i in range(len(times))), default=1.0) or 1.0
         ax.set_ylim(0, top * 1.35)
+        span = (times[-1] - times[0]) or 1.0 if times else 1.0
         for i, (name, start, end) in enumerate(phase_bands(records, times)):
             ax.axvspan(start, end, color="0.9" if i % 2 else "0.97", zorder=-1)
-            ax.text((start + end) / 2, top * 1.33, name, rotation=90, ha="center", va="top", fontsize=7)
+            if end - start >= MIN_LABELLED_BAND * span:  # narrower bands would print labels over each other
+                ax.text((start + end) / 2, top * 1.33, name, rotation=90, ha="center", va="top", fontsize=7)
         ax.set_xlabel("seconds since the first move")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
