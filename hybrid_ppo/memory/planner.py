@@ -212,7 +212,8 @@ def fixed_bytes(role: Role, s: Setting, first_on_gpu: bool) -> dict[str, int]:
 @dataclass
 class PhaseEstimate:
     roles: dict[str, dict[str, int]]  # role -> term -> bytes on one GPU
-    host: dict[str, int]  # role -> bytes of its offloaded states on the node (all ranks)
+    host: dict[str, int]  # role -> pinned bytes of its offloaded states on the node (all ranks)
+    host_pageable: int = 0  # the role processes themselves (libraries, Python heaps), on the node
 
     @property
     def gpu_total(self) -> int:
@@ -220,7 +221,7 @@ class PhaseEstimate:
 
     @property
     def host_total(self) -> int:
-        return sum(self.host.values())
+        return sum(self.host.values()) + self.host_pageable
 
 
 @dataclass
@@ -272,14 +273,15 @@ class MemoryPlan:
             "ranks_per_role": self.setting.ranks,
             "states_bytes_per_rank": self.states,
             "phases": {p: {"gpu_total_gib": e.gpu_total / GIB, "host_total_gib": e.host_total / GIB,
-                           "roles_gib": {r: to_gib(t) for r, t in e.roles.items()}, "host_gib": to_gib(e.host)}
+                           "roles_gib": {r: to_gib(t) for r, t in e.roles.items()}, "host_pinned_gib": to_gib(e.host),
+                           "host_pageable_gib": e.host_pageable / GIB}
                        for p, e in self.phases.items()},
         }
 
     def table(self) -> str:
         roles = list(self.states)
         header = f"{'phase':<16}" + "".join(f"{r:>11}" for r in roles) + f"{'per GPU':>11}{'host':>10}"
-        lines = [f"estimated memory per GPU by phase (GiB; host: pinned on the node, all ranks)", header]
+        lines = ["estimated memory per GPU by phase (GiB; host: the node's pinned + pageable, all ranks)", header]
         for phase, e in self.phases.items():
             cells = "".join(f"{sum(e.roles[r].values()) / GIB:>11.2f}" for r in roles)
             mark = " <- peak" if phase == self.peak_phase else ""
@@ -290,8 +292,9 @@ class MemoryPlan:
             parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items() if v)
             lines.append(f"  {role:<10} {parts or '-'}")
         host = self.phases[self.host_peak_phase]
-        lines.append(f"host at its peak ({self.host_peak_phase}), pinned, all {self.setting.ranks} rank(s): "
-                     + ", ".join(f"{r} {b / GIB:.1f}" for r, b in host.host.items() if b))
+        lines.append(f"host at its peak ({self.host_peak_phase}), all {self.setting.ranks} rank(s): pinned "
+                     + ", ".join(f"{r} {b / GIB:.1f}" for r, b in host.host.items() if b)
+                     + f"; pageable (role processes) {host.host_pageable / GIB:.1f}")
         lines.append(self.verdict())
         util = self.max_gpu_memory_utilization
         lines.append(f"largest rollout.gpu_memory_utilization that fits: "
@@ -333,7 +336,8 @@ def _estimate(plan: Mapping[Phase, Residency], shapes: dict[Role, ModelShape], s
             roles[role.value] = terms
             host[role.value] = s.ranks * sum(_host_copy(role, state, components, s)
                                              for state, components in states[role].items() if state not in keep)
-        result.phases[phase.value] = PhaseEstimate(roles, host)
+        processes = s.ranks * s.processes_per_gpu  # a process per role rank (one in all under the local executor)
+        result.phases[phase.value] = PhaseEstimate(roles, host, processes * PROCESS_HOST_BYTES)
     return result
 
 
