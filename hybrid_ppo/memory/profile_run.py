@@ -6,7 +6,8 @@ set to N), then writes into the run directory:
 * `memory_report.json`: the per-phase table of the last iteration (`report.memory_report`), the
   planner's estimate for the same config, and per role and state the planned bytes beside the
   measured ones (counted from the tensors each move touched) with the error. With a GPU it also
-  holds the per-phase peak of torch-allocated memory beside the planner's per-GPU total.
+  holds each phase's peak of torch-allocated memory (`report.phase_peaks`) beside the planner's
+  per-GPU total.
 * `memory_report.txt`: the same as tables (also printed).
 * `memory_timeline.png`: memory per role over time, stacked, with the phases as bands.
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 
 from hybrid_ppo.config import Config
 from hybrid_ppo.memory.plot import plot_timeline
-from hybrid_ppo.memory.report import (DEVICE_FIELD, GIB_FIELDS_NOTE, compare_states, comparison_table, load_timeline,
-                                      measured_state_bytes, memory_report)
+from hybrid_ppo.memory.report import (GIB_FIELDS_NOTE, compare_states, comparison_table, load_timeline,
+                                      measured_state_bytes, memory_report, phase_peaks)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def write_profile(run_dir: Path, cfg: Config) -> ProfileResult:
     roles = list(dict.fromkeys(rec["role"] for rec in records))
     plan = estimate(cfg, [r for r in _placement_roles(cfg) if r in roles])
     rows = compare_states(plan.states, measured_state_bytes(records))
-    peaks = _peak_comparison(report, plan) if report.field == DEVICE_FIELD else None
+    peaks = _peak_comparison(phase_peaks(records), plan) or None
     data = {"iterations": cfg.train.iterations, "figures": GIB_FIELDS_NOTE[report.field],
             "measured": report.as_dict(), "planner": plan.as_dict(),
             "states": [{**dataclasses.asdict(r), "error": r.error} for r in rows],
@@ -75,22 +76,21 @@ def _placement_roles(cfg: Config) -> tuple[str, ...]:
     return roles_for(cfg)
 
 
-def _peak_comparison(report, plan) -> dict[str, dict[str, float]]:
-    """Per phase: the measured per-GPU total of torch-allocated memory against the planner's total
+def _peak_comparison(measured: dict[str, float], plan) -> dict[str, dict[str, float]]:
+    """Per phase: the measured per-GPU peak of torch-allocated memory against the planner's total
     less the CUDA contexts and communicators, which torch's allocator does not see."""
     out = {}
-    for phase, measured in report.phases.items():
+    for phase, peak in measured.items():
         if phase not in plan.phases:
             continue
         planned = sum(v for terms in plan.phases[phase].roles.values() for k, v in terms.items()
                       if k not in ("cuda_context", "nccl")) / (1 << 30)
-        out[phase] = {"measured": measured.gpu_total, "planned": planned,
-                      "error": (measured.gpu_total - planned) / planned if planned else None}
+        out[phase] = {"measured": peak, "planned": planned, "error": (peak - planned) / planned if planned else None}
     return out
 
 
 def _peak_table(peaks: dict[str, dict[str, float]]) -> str:
-    lines = ["per-phase torch-allocated GiB per GPU: measured vs planned (contexts excluded)",
+    lines = ["per-phase peak of torch-allocated GiB per GPU: measured vs planned (contexts excluded)",
              f"{'phase':<16}{'measured':>10}{'planned':>10}{'error':>9}"]
     for phase, p in peaks.items():
         err = "-" if p["error"] is None else f"{100 * p['error']:+.1f}%"

@@ -167,3 +167,33 @@ def comparison_table(rows: list[StateComparison]) -> str:
         err = "-" if r.error is None else f"{100 * r.error:+.2f}%"
         lines.append(f"{r.role:<10}{r.state:<13}{r.component:<24}{show(r.planned):>14}{show(r.measured):>14}{err:>9}")
     return "\n".join(lines)
+
+
+PEAK_FIELD = "device_peak_gib"
+
+
+def phase_peaks(records: list[dict]) -> dict[str, float]:
+    """Per phase, the per-GPU peak of torch-allocated memory (GPU runs; {} without readings).
+
+    Each move resets its process's peak counter, so the peak a process reports before a move is
+    the peak since its previous move: it belongs to the phase of that previous move (the actor's
+    training peak shows up before SYNC's offload, in the window opened by TRAIN_ACTOR's reload).
+    Processes on one GPU (role rank i of every role) are summed: an upper bound, since their
+    peaks need not coincide; under the local executor one process is the whole GPU."""
+    opened: dict[tuple[int, object], str] = {}  # (GPU, process) -> phase of its last move
+    peaks: dict[str, dict[tuple[int, object], float]] = {}
+    for record in records:
+        for gpu, reading in enumerate(record["ranks"]):
+            process = (gpu, reading.get("pid", record["role"]))
+            peak = reading.get("before", {}).get(PEAK_FIELD)
+            if peak is not None and process in opened:
+                window = peaks.setdefault(opened[process], {})
+                window[process] = max(window.get(process, 0.0), peak)
+            opened[process] = record["phase"]
+    out = {}
+    for phase, per_process in peaks.items():
+        per_gpu: dict[int, float] = {}
+        for (gpu, _), gib in per_process.items():
+            per_gpu[gpu] = per_gpu.get(gpu, 0.0) + gib
+        out[phase] = max(per_gpu.values())
+    return out

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config, DType
 from hybrid_ppo.memory.plan import State
-from hybrid_ppo.memory.profiler import release_cached_memory, snapshot
+from hybrid_ppo.memory.profiler import release_cached_memory, reset_peak, snapshot
 from hybrid_ppo.memory.residency import ModuleResidency, Residency
 
 
@@ -70,6 +70,7 @@ class ResidentRole:
         release_cached_memory()
         seconds = time.perf_counter() - start
         after = snapshot()
+        reset_peak()  # the next move's `before` peak is then the peak of the phase this move starts
         if moved is None:
             moved = self.residency.state_bytes(moving)
         return {"seconds": seconds, "before": before.as_dict(), "after": after.as_dict(), "bytes": moved,
