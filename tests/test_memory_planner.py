@@ -126,7 +126,7 @@ def test_plan_every_preset(preset, capsys):
 
 
 def test_plan_names_a_missing_model(capsys):
-    assert main(["plan", "model.actor=/nonexistent/model"]) == 2
+    assert main(["plan", "model.actor=/nonexistent/model"]) == 1  # errors.EXIT_ERROR: bad input, not config
     assert "/nonexistent/model" in capsys.readouterr().err
 
 

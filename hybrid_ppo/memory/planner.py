@@ -170,7 +170,8 @@ def working_bytes(phase: Phase, role: Role, m: ModelShape, s: Setting,
                   plan_phase: Mapping[Role, frozenset[State]]) -> dict[str, int]:
     """The transient terms of `role` in `phase`. Phases are recognised by the plan's naming
     (`train_<role>`, `score_<role>`) and by what they hold (engine weights without its KV cache: a
-    weight sync), so a phase another branch adds is estimated by what it keeps resident."""
+    weight sync: actor and engine weights only), so any other phase (SAVE_*) is estimated by what it
+    keeps resident."""
     terms: dict[str, int] = {}
     if phase.value == f"train_{role.value}":
         terms["activations"] = train_activation_bytes(m, s)
@@ -191,7 +192,7 @@ def working_bytes(phase: Phase, role: Role, m: ModelShape, s: Setting,
             terms["kv_cache"] = hf_kv_cache_bytes(m, s)
         # vLLM: weights + KV cache + these activations = gpu_memory_utilization x the GPU (state_bytes)
         terms["activations"] = generate_activation_bytes(m, s)
-    elif role == Role.ACTOR and plan_phase.get(Role.ROLLOUT) == frozenset({State.WEIGHTS}):
+    elif role == Role.ACTOR and plan_phase.get(role) == plan_phase.get(Role.ROLLOUT) == frozenset({State.WEIGHTS}):
         bucket = min(s.sync_bucket, m.params * s.w)
         # actor.export_weights: a packed flat copy of each bucket, and under ZeRO-3 the gathered bucket too
         terms["sync_buckets"] = bucket * (2 if s.zero_stage == 3 and s.ranks > 1 else 1)
@@ -264,7 +265,7 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, Any]:
         to_gib = lambda terms: {k: v / GIB for k, v in terms.items()}  # noqa: E731
         return {
-            "gpu_memory_gib": self.gpu_bytes / GIB, "host_memory_gib": self.host_bytes / GIB,
+            "gpu_memory_gib": round(self.gpu_bytes / GIB, 3), "host_memory_gib": round(self.host_bytes / GIB, 3),
             "fits": self.fits, "verdict": self.verdict(),
             "peak_phase": self.peak_phase, "peak_gib": self.peak_bytes / GIB,
             "host_peak_phase": self.host_peak_phase, "host_peak_gib": self.phases[self.host_peak_phase].host_total / GIB,
