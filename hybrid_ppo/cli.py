@@ -1,4 +1,4 @@
-"""hybrid-ppo train | plan  [CONFIG.yaml] [section.key=value ...]
+"""hybrid-ppo train | plan [--json] | profile [--iterations N]  [CONFIG.yaml] [section.key=value ...]
 hybrid-ppo resume RUN_DIR [section.key=value ...]
 
 With no CONFIG, configs/tiny-cpu.yaml: a tiny model trained on CPU end to end. `resume` continues
@@ -71,33 +71,54 @@ def cmd_resume(args: list[str]) -> int:
     return 0
 
 
-def cmd_plan(cfg: Config) -> int:
+def cmd_plan(cfg: Config, as_json: bool = False) -> int:
     from hybrid_ppo.memory.plan import PHASE_PLAN, Role, describe, resident_everything
+    from hybrid_ppo.memory.planner import estimate
     from hybrid_ppo.placement import make_plan
 
     placement = make_plan(cfg)
+    memory = estimate(cfg, placement.roles)
+    if as_json:
+        import json
+
+        print(json.dumps(memory.as_dict(), indent=2))
+        return 0
     print(placement.describe())
     roles = [Role(r) for r in placement.roles]
     print("\nresident states per phase (everything else is offloaded):")
     print(describe(PHASE_PLAN if cfg.memory.offload else resident_everything(), roles))
+    print()
+    print(memory.table())
     return 0
 
 
-COMMANDS = {"train": cmd_train, "plan": cmd_plan}
+def cmd_profile(cfg: Config, iterations: int = 3) -> int:
+    from hybrid_ppo.memory.profile_run import profile
+
+    result = profile(cfg, iterations)
+    print(result.table)
+    print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hybrid-ppo", description=__doc__, epilog=_field_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="train", choices=sorted([*COMMANDS, "resume"]))
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="[CONFIG.yaml] [section.key=value ...]")
-    ns = parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true", help="plan: print the estimate as JSON")
+    parser.add_argument("--iterations", type=int, default=3, help="profile: PPO iterations to run (default 3)")
+    parser.add_argument("args", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    ns = parser.parse_intermixed_args(argv)  # options may come after the command
+    options = {"plan": {"as_json": ns.json}, "profile": {"iterations": ns.iterations}}.get(ns.command, {})
     try:
         if ns.command == "resume":
             return cmd_resume(ns.args)
         path, overrides = _split_args(ns.args)
         cfg = load_config(path, overrides)
-        return COMMANDS[ns.command](cfg)
+        return COMMANDS[ns.command](cfg, **options)
     except BaseException as err:  # the one error boundary (hybrid_ppo/errors.py)
         if is_internal(err):  # a bug, and no train.log holds its traceback: show it
             traceback.print_exception(err, file=sys.stderr)

@@ -292,9 +292,13 @@ class PlacementConfig(_Section):
     """CPU fraction each role actor asks for (Ray's default of 1 would not fit in a bundle)."""
     executor: ExecutorKind = ExecutorKind.RAY
     """`ray`: roles are Ray actors in one placement group; `local`: all roles in this process."""
+    gpu_memory_gib: float = 79.6
+    """Memory of each GPU in GiB, for `hybrid-ppo plan` (an 80 GB H100/A100: nvidia-smi's 81559 MiB)."""
+    host_memory_gib: float = 1024.0
+    """Host memory of the node in GiB, for `hybrid-ppo plan` (offloaded states live there)."""
 
     def __post_init__(self) -> None:
-        self._positive("num_gpus", "cpu_per_bundle", "cpu_per_role")
+        self._positive("num_gpus", "cpu_per_bundle", "cpu_per_role", "gpu_memory_gib", "host_memory_gib")
         self._require(0.0 < self.gpu_per_role <= 1.0, "gpu_per_role", "a number in (0, 1]")
 
 

@@ -69,3 +69,28 @@ def test_table_and_errors(tmp_path):
         memory_report(TIMELINE[:3])
     with pytest.raises(FileNotFoundError, match="run directory"):
         load_timeline(tmp_path)
+
+
+def _peaks(iteration, phase, role, pids, peaks):
+    ranks = [{"before": {"device_peak_gib": p}, "after": {}, "pid": pid} for pid, p in zip(pids, peaks)]
+    return {"iteration": iteration, "phase": phase, "role": role, "direction": "-", "states": [], "seconds": 0.0,
+            "ranks": ranks}
+
+
+def test_phase_peaks_belong_to_the_window_each_move_opened():
+    from hybrid_ppo.memory.report import phase_peaks
+
+    # Two GPUs; the actor's processes are 10 and 11, the engine's 20 and 21. Each reading is the
+    # process's peak since its previous move.
+    timeline = [
+        _peaks(0, "startup", "actor", [10, 11], [9.0, 9.0]),  # no window open yet: ignored
+        _peaks(0, "startup", "rollout", [20, 21], [1.0, 1.0]),
+        _peaks(1, "generate", "rollout", [20, 21], [0.5, 0.5]),  # closes the engine's startup window
+        _peaks(1, "score_actor", "rollout", [20, 21], [30.0, 32.0]),  # closes generate
+        _peaks(1, "score_actor", "actor", [10, 11], [3.0, 3.0]),  # closes the actor's startup window
+        _peaks(1, "train_actor", "actor", [10, 11], [12.0, 11.0]),  # closes score_actor
+        _peaks(1, "sync", "actor", [10, 11], [40.0, 41.0]),  # closes train_actor
+        _peaks(1, "sync", "rollout", [20, 21], [0.2, 0.2]),  # closes the engine's score_actor window
+    ]
+    assert phase_peaks(timeline) == {"startup": 3.5, "generate": 32.0, "score_actor": 12.2, "train_actor": 41.0}
+    assert phase_peaks(TIMELINE) == {}  # no peak readings (a CPU run)

@@ -23,6 +23,7 @@ class MemorySnapshot:
     device_allocated_gib: float | None  # torch.cuda.memory_allocated: live tensors of this process
     device_reserved_gib: float | None  # torch.cuda.memory_reserved: what the caching allocator holds
     device_used_gib: float | None  # NVML: the whole GPU, every process (vLLM included)
+    device_peak_gib: float | None = None  # torch.cuda.max_memory_allocated since this process's last move
 
     def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -52,7 +53,14 @@ def snapshot() -> MemorySnapshot:
         import pynvml
 
         used = pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB
-    return MemorySnapshot(host, torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB, used)
+    return MemorySnapshot(host, torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB, used,
+                          torch.cuda.max_memory_allocated() / GIB)
+
+
+def reset_peak() -> None:
+    """Start a new peak window: the next snapshot's `device_peak_gib` covers what runs after this."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def release_cached_memory() -> None:

@@ -21,6 +21,12 @@ from pathlib import Path
 from hybrid_ppo.memory.plan import Phase
 
 DEVICE_FIELD, HOST_FIELD = "device_allocated_gib", "host_rss_gib"
+GIB_FIELDS_NOTE = {
+    DEVICE_FIELD: "GPU run: state bytes counted from the tensors; torch allocated/reserved and NVML used "
+                  "before and after every move",
+    HOST_FIELD: "CPU run: state bytes counted from the tensors (exact); process RSS only, which offloading "
+                "to host memory does not change; no device readings",
+}
 
 
 @dataclass
@@ -99,3 +105,95 @@ def _snapshot(current: dict[tuple[str, int], tuple[float, int | None, int]], mov
     for (rank, _), (_, gib) in latest.items():
         per_gpu[rank] = per_gpu.get(rank, 0.0) + gib
     return PhaseMemory(roles, max(per_gpu.values(), default=0.0), move_seconds)
+
+
+STATE_TOLERANCE = 0.02
+"""Planner vs measured state bytes: sizes are exact arithmetic, so 2 % covers only padding."""
+
+
+def measured_state_bytes(records: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """role -> state -> component -> bytes on one rank: the largest any move counted (lazily built
+    states such as Adam's moments are 0 before the first step)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for record in records:
+        for reading in record["ranks"]:
+            for state, components in (reading.get("bytes") or {}).items():
+                slot = out.setdefault(record["role"], {}).setdefault(state, {})
+                for name, nbytes in components.items():
+                    slot[name] = max(slot.get(name, 0), nbytes)
+    return out
+
+
+@dataclass(frozen=True)
+class StateComparison:
+    role: str
+    state: str
+    component: str
+    planned: int | None
+    measured: int | None
+
+    @property
+    def error(self) -> float | None:
+        """(measured - planned) / planned; None where one side is missing or both are 0."""
+        if self.planned is None or self.measured is None or (self.planned == 0 and self.measured == 0):
+            return None if self.planned is None or self.measured is None else 0.0
+        return (self.measured - self.planned) / self.planned if self.planned else float("inf")
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.error is not None and abs(self.error) <= STATE_TOLERANCE
+
+
+def compare_states(planned: dict[str, dict[str, dict[str, int]]],
+                   measured: dict[str, dict[str, dict[str, int]]]) -> list[StateComparison]:
+    """One row per (role, state, component) that either side knows. A component the run never
+    held (ZeRO-2 gradients between steps are freed, not moved) is measured as 0."""
+    rows = []
+    for role in sorted(set(planned) | set(measured)):
+        states = set(planned.get(role, {})) | set(measured.get(role, {}))
+        for state in sorted(states):
+            p, m = planned.get(role, {}).get(state), measured.get(role, {}).get(state)
+            for component in sorted(set(p or {}) | set(m or {})):
+                rows.append(StateComparison(role, state, component, None if p is None else p.get(component),
+                                            None if m is None else m.get(component)))
+    return rows
+
+
+def comparison_table(rows: list[StateComparison]) -> str:
+    lines = ["planner vs measured, per rank (bytes of each state, counted from the tensors)",
+             f"{'role':<10}{'state':<13}{'component':<24}{'planned':>14}{'measured':>14}{'error':>9}"]
+    for r in rows:
+        show = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+        err = "-" if r.error is None else f"{100 * r.error:+.2f}%"
+        lines.append(f"{r.role:<10}{r.state:<13}{r.component:<24}{show(r.planned):>14}{show(r.measured):>14}{err:>9}")
+    return "\n".join(lines)
+
+
+PEAK_FIELD = "device_peak_gib"
+
+
+def phase_peaks(records: list[dict]) -> dict[str, float]:
+    """Per phase, the per-GPU peak of torch-allocated memory (GPU runs; {} without readings).
+
+    Each move resets its process's peak counter, so the peak a process reports before a move is
+    the peak since its previous move: it belongs to the phase of that previous move (the actor's
+    training peak shows up before SYNC's offload, in the window opened by TRAIN_ACTOR's reload).
+    Processes on one GPU (role rank i of every role) are summed: an upper bound, since their
+    peaks need not coincide; under the local executor one process is the whole GPU."""
+    opened: dict[tuple[int, object], str] = {}  # (GPU, process) -> phase of its last move
+    peaks: dict[str, dict[tuple[int, object], float]] = {}
+    for record in records:
+        for gpu, reading in enumerate(record["ranks"]):
+            process = (gpu, reading.get("pid", record["role"]))
+            peak = reading.get("before", {}).get(PEAK_FIELD)
+            if peak is not None and process in opened:
+                window = peaks.setdefault(opened[process], {})
+                window[process] = max(window.get(process, 0.0), peak)
+            opened[process] = record["phase"]
+    out = {}
+    for phase, per_process in peaks.items():
+        per_gpu: dict[int, float] = {}
+        for (gpu, _), gib in per_process.items():
+            per_gpu[gpu] = per_gpu.get(gpu, 0.0) + gib
+        out[phase] = max(per_gpu.values())
+    return out

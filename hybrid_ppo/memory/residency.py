@@ -8,6 +8,10 @@ The scheduler only says *which* states to move; an adapter knows *how*:
   instead of silently running on stale or host memory. The same holds on CPU, which is why CPU
   runs catch a wrong plan too.
 * `EngineResidency`: a rollout engine's `sleep(level)` / `wake_up(tags)`.
+
+Each adapter also counts the bytes of its states from the tensors themselves (`state_bytes`), per
+component, so the profiler can put them beside the planner's estimate. A tensor counts once
+however many views of it exist (storages are deduplicated), and wherever it lives at the time.
 """
 
 from __future__ import annotations
@@ -20,13 +24,26 @@ from hybrid_ppo.memory.plan import State
 
 
 class Residency(Protocol):
-    """What the scheduler needs from a role: the resident set and the two moves."""
+    """What the scheduler needs from a role: the resident set, the two moves, and their size."""
 
     resident: set[State]
 
     def offload(self, states: frozenset[State]) -> None: ...
 
     def reload(self, states: frozenset[State]) -> None: ...
+
+    def state_bytes(self, states: frozenset[State]) -> dict[str, dict[str, int]]: ...
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (None and empty tensors count 0)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 class _Tracked:
@@ -57,6 +74,32 @@ def _ds_state_types(states: frozenset[State]) -> list:
     return [t for s in states for t in mapping[s]]
 
 
+def _optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """Adam's moments (and step counters), from the wrapped torch optimizer's state."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _zero2_parts(opt) -> dict[State, dict[str, list]]:
+    """The tensors ZeRO-1/2's offload_states moves (deepspeed/runtime/zero/stage_1_and_2.py)."""
+    grads = [g for group in opt.averaged_gradients.values() if group is not None for g in group]
+    return {State.WEIGHTS: {"lp_params": list(opt.bit16_groups_flat)},
+            State.TRAIN_STATE: {"hp_params": list(opt.single_partition_of_fp32_groups),
+                                "optim_states": _optimizer_state_tensors(opt), "lp_grads": grads}}
+
+
+def _zero3_parts(opt) -> dict[State, dict[str, list]]:
+    """The tensors ZeRO-3's offload_states moves (deepspeed/runtime/zero/stage3.py)."""
+    buffer = getattr(opt, "lp_param_buffer", None)
+    weights = [buffer] if buffer is not None else [p.ds_tensor for p in opt.module.parameters()]
+    ipg = [getattr(b, "buffer", None) for b in getattr(opt, "ipg_buckets", {}).values()]
+    return {State.WEIGHTS: {"lp_params": weights},
+            State.TRAIN_STATE: {"hp_params": list(opt.fp32_partitioned_groups_flat),
+                                "optim_states": _optimizer_state_tensors(opt),
+                                "lp_grads": [getattr(opt, "grad_partitions_flat_buffer", None)],
+                                "contiguous_grad_buffer": [t for t in ipg if isinstance(t, torch.Tensor)]}}
+
+
 class DeepSpeedResidency(_Tracked):
     """Actor / critic: a DeepSpeed ZeRO engine's weights and training state."""
 
@@ -69,6 +112,12 @@ class DeepSpeedResidency(_Tracked):
             return
         self.engine.offload_states(include=_ds_state_types(states))
         self.resident -= states
+
+    def state_bytes(self, states: frozenset[State]) -> dict[str, dict[str, int]]:
+        """Per state, per DeepSpeed state type (`OffloadStateTypeEnum` names): bytes on this rank."""
+        parts = _zero3_parts(self.engine.optimizer) if self.engine.zero_optimization_stage() == 3 \
+            else _zero2_parts(self.engine.optimizer)
+        return {s.value: {name: tensor_bytes(ts) for name, ts in parts[s].items()} for s in states}
 
     def reload(self, states: frozenset[State]) -> None:
         if not self._check(states, want_resident=False):
@@ -96,6 +145,11 @@ class ModuleResidency(_Tracked):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
 
+    def state_bytes(self, states: frozenset[State]) -> dict[str, dict[str, int]]:
+        """The module's parameters and buffers, resident or in their host copies."""
+        tensors = [self._host.get(name, t) for name, t in self._tensors().items()]
+        return {s.value: {"params": tensor_bytes(tensors)} for s in states}
+
     def offload(self, states: frozenset[State]) -> None:
         if not self._check(states, want_resident=True):
             return
@@ -120,6 +174,8 @@ class SleepableEngine(Protocol):
 
     def wake_up(self, tags: list[str]) -> None: ...
 
+    def memory_bytes(self) -> dict[str, int]: ...
+
 
 class EngineResidency(_Tracked):
     """A rollout engine: sleep(level) drops both states, wake_up(tags) brings back the named ones."""
@@ -141,6 +197,11 @@ class EngineResidency(_Tracked):
             self.engine.sleep(1)
             self.engine.wake_up([State.WEIGHTS.value])
         self.resident -= states
+
+    def state_bytes(self, states: frozenset[State]) -> dict[str, dict[str, int]]:
+        """What the engine says its weights and KV cache occupy (an engine that cannot tell: {})."""
+        sizes = self.engine.memory_bytes() if hasattr(self.engine, "memory_bytes") else {}
+        return {s.value: {s.value: sizes[s.value]} for s in states if s.value in sizes}
 
     def reload(self, states: frozenset[State]) -> None:
         if not self._check(states, want_resident=False):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config, DType
 from hybrid_ppo.memory.plan import State
-from hybrid_ppo.memory.profiler import release_cached_memory, snapshot
+from hybrid_ppo.memory.profiler import release_cached_memory, reset_peak, snapshot
 from hybrid_ppo.memory.residency import ModuleResidency, Residency
 
 
@@ -52,20 +52,29 @@ class ResidentRole:
     residency: Residency
 
     def offload_states(self, states: list[str]) -> dict[str, Any]:
-        return self._move(self.residency.offload, states)
+        return self._move(self.residency.offload, states, count_before=True)
 
     def reload_states(self, states: list[str]) -> dict[str, Any]:
-        return self._move(self.residency.reload, states)
+        return self._move(self.residency.reload, states, count_before=False)
 
     def resident_states(self) -> list[str]:
         return sorted(s.value for s in self.residency.resident)
 
-    def _move(self, move, states: list[str]) -> dict[str, Any]:
+    def _move(self, move, states: list[str], count_before: bool) -> dict[str, Any]:
+        moving = frozenset(State(s) for s in states)
+        # Bytes are counted from the tensors while they are resident: before an offload, after a reload.
+        moved = self.residency.state_bytes(moving) if count_before else None
         before = snapshot()
         start = time.perf_counter()
-        move(frozenset(State(s) for s in states))
+        move(moving)
         release_cached_memory()
-        return {"seconds": time.perf_counter() - start, "before": before.as_dict(), "after": snapshot().as_dict(),
+        seconds = time.perf_counter() - start
+        after = snapshot()
+        reset_peak()  # the next move's `before` peak is then the peak of the phase this move starts
+        if moved is None:
+            moved = self.residency.state_bytes(moving)
+        return {"seconds": seconds, "before": before.as_dict(), "after": after.as_dict(), "bytes": moved,
+                "wall_time": time.time(),  # the x axis of memory_timeline.png
                 "pid": os.getpid()}  # roles sharing a process (local executor) share these readings
 
 
@@ -82,9 +91,15 @@ class FrozenRole(ResidentRole):
 
 
 def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
-    """[B, R, V] logits of the distributions that produced each response token (a view, no copy)."""
-    out = model(input_ids=seq.tokens, attention_mask=seq.attention_mask, position_ids=position_ids(seq.attention_mask))
-    return out.logits[:, seq.prompt_len - 1:-1]  # position P-1+t predicts response token t
+    """[B, R, V] logits of the distributions that produced each response token.
+
+    Position P-1+t predicts response token t. Only those R positions go through the LM head
+    (transformers' `logits_to_keep` takes the indices), so no [B, P+R, V] tensor ever exists: with
+    a 150k vocabulary the prompt's logits would dwarf everything else in a micro-batch."""
+    keep = torch.arange(seq.prompt_len - 1, seq.tokens.shape[1] - 1, device=seq.tokens.device)
+    out = model(input_ids=seq.tokens, attention_mask=seq.attention_mask, position_ids=position_ids(seq.attention_mask),
+                logits_to_keep=keep)
+    return out.logits
 
 
 def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,

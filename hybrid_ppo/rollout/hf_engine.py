@@ -84,6 +84,11 @@ class HFEngine:
                         self._shapes[name], dtype=param.dtype, device=self.device)
             self.awake.add(tag)
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Weights at their full size (asleep or not); the KV cache is per `generate` call, so 0."""
+        weights = sum(shape.numel() * p.element_size() for shape, p in zip(self._shapes.values(), self._params().values()))
+        return {"weights": weights, "kv_cache": 0}
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         if "weights" not in self.awake:
