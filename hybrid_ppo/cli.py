@@ -54,8 +54,13 @@ def _docstring_of(cls: type, name: str) -> str:
 def cmd_train(cfg: Config) -> int:
     from hybrid_ppo.launch import train
 
-    result = train(cfg)
-    print(f"held-out accuracy: before PPO {result.eval_before:.3f} -> after PPO {result.eval_after:.3f}")
+    return _report(train(cfg))
+
+
+def _report(result) -> int:
+    """The last lines of a run: "accuracy" only for a 0/1 rule reward, else the mean reward."""
+    what = "held-out accuracy" if result.eval_is_accuracy else "held-out mean reward"
+    print(f"{what}: before PPO {result.eval_before:.3f} -> after PPO {result.eval_after:.3f}")
     print(f"run directory: {result.run_dir}  ({result.seconds:.0f}s)")
     return 0
 
@@ -65,14 +70,12 @@ def cmd_resume(args: list[str]) -> int:
 
     if not args or "=" in args[0]:
         raise ValueError("resume needs the run directory: hybrid-ppo resume RUN_DIR [section.key=value ...]")
-    result = resume(args[0], args[1:])
-    print(f"held-out accuracy: before PPO {result.eval_before:.3f} -> after PPO {result.eval_after:.3f}")
-    print(f"run directory: {result.run_dir}  ({result.seconds:.0f}s)")
-    return 0
+    return _report(resume(args[0], args[1:]))
 
 
 def cmd_plan(cfg: Config, as_json: bool = False) -> int:
-    from hybrid_ppo.memory.plan import PHASE_PLAN, Role, describe, resident_everything
+    from hybrid_ppo.launch import memory_plan
+    from hybrid_ppo.memory.plan import Role, describe
     from hybrid_ppo.memory.planner import estimate
     from hybrid_ppo.placement import make_plan
 
@@ -86,7 +89,7 @@ def cmd_plan(cfg: Config, as_json: bool = False) -> int:
     print(placement.describe())
     roles = [Role(r) for r in placement.roles]
     print("\nresident states per phase (everything else is offloaded):")
-    print(describe(PHASE_PLAN if cfg.memory.offload else resident_everything(), roles))
+    print(describe(memory_plan(cfg), roles))
     print()
     print(memory.table())
     return 0

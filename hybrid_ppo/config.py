@@ -19,7 +19,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hybrid_ppo.algo.ppo import KLEstimator
+from hybrid_ppo.algo.estimators import AdvantageEstimator
+from hybrid_ppo.algo.ppo import KLEstimator, LossAgg
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
 BUILTIN_PREFIX = "builtin:"
@@ -51,6 +52,12 @@ class KLPlacement(str, Enum):
 class OverlongPrompts(str, Enum):
     ERROR = "error"  # a prompt over data.max_prompt_tokens stops the run before it starts
     SKIP = "skip"  # such prompts are dropped at load time, counted and logged
+
+
+class LRSchedule(str, Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # half a cosine from the peak LR to 0 over the run's optimizer steps
+    LINEAR = "linear"  # straight line from the peak LR to 0 over the run's optimizer steps
 
 
 class ExecutorKind(str, Enum):
@@ -141,6 +148,8 @@ class DataConfig(_Section):
     """`error`: a prompt over max_prompt_tokens stops the run; `skip`: such prompts are dropped at load time and counted."""
     eval_size: int = 256
     """Held-out prompts scored for accuracy before and after PPO."""
+    pretrain: str | None = None
+    """PTX data: a JSONL file with a `text` string per line, or a local `datasets` directory (save_to_disk) with a `text` column."""
 
     def __post_init__(self) -> None:
         self._positive("max_prompt_tokens", "eval_size")
@@ -211,6 +220,16 @@ class TrainConfig(_Section):
     """Actor AdamW learning rate."""
     critic_lr: float = 1e-3
     """Critic AdamW learning rate."""
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    """After warm-up, both roles' LR stays (`constant`) or decays to 0 by the last step (`cosine`, `linear`)."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear LR warm-up from 0, for the actor and the critic."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 of both trained roles."""
+    adam_beta2: float = 0.999
+    """AdamW beta2 of both trained roles."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon of both trained roles."""
     weight_decay: float = 0.0
     """AdamW weight decay of both trained roles."""
     max_grad_norm: float = 1.0
@@ -225,10 +244,17 @@ class TrainConfig(_Section):
     """Newest checkpoints kept under RUN_DIR/checkpoints; older ones are deleted once a new one is complete."""
     max_skipped_steps: int = 10
     """Stop the run after this many optimizer steps in a row skipped for a non-finite loss."""
+    eval_every: int = 0
+    """Greedy held-out evaluation every this many iterations (0: only before and after the run)."""
 
     def __post_init__(self) -> None:
         self._require(self.save_every >= 0, "save_every", "an integer >= 0 (0 disables)")
         self._positive("keep_checkpoints", "max_skipped_steps")
+        self._require(self.lr_warmup_steps >= 0, "lr_warmup_steps", "an integer >= 0")
+        self._require(self.eval_every >= 0, "eval_every", "an integer >= 0")
+        self._require(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "a number in [0, 1)")
+        self._require(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "a number in [0, 1)")
+        self._positive("adam_eps")
         self._positive("iterations", "rollout_batch_size", "samples_per_prompt", "mini_batch_size",
                        "micro_batch_size", "ppo_epochs", "actor_lr", "critic_lr", "max_grad_norm")
         self._require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
@@ -240,43 +266,73 @@ class TrainConfig(_Section):
     def samples_per_iteration(self) -> int:
         return self.rollout_batch_size * self.samples_per_prompt
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run if no epoch stops early: the LR schedule's horizon."""
+        return self.iterations * self.ppo_epochs * (self.samples_per_iteration // self.mini_batch_size)
+
 
 @dataclass
 class AlgoConfig(_Section):
     name: ClassVar[str] = "algo"
+    advantage_estimator: AdvantageEstimator = AdvantageEstimator.GAE
+    """gae (PPO with a critic) | grpo | rloo | reinforce_pp; the last three run no critic at all."""
+    grpo_std_norm: bool = True
+    """grpo: divide by the group's reward std; false is Dr. GRPO (mean-centring only)."""
     gamma: float = 1.0
-    """Discount over response tokens."""
+    """Discount over response tokens (gae, reinforce_pp)."""
     lam: float = 0.95
     """GAE lambda."""
     clip_eps: float = 0.2
-    """PPO ratio clip."""
+    """PPO ratio clip: the ratio may fall to 1 - clip_eps (and rise to 1 + clip_eps unless clip_eps_high is set)."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip 1 + clip_eps_high (DAPO's clip-higher); null: clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip c > 1: on negative advantages the loss is at most -c * A; null disables."""
+    loss_agg: LossAgg = LossAgg.TOKEN_MEAN
+    """token_mean (every token of the mini-batch weighs the same) | seq_mean_token_mean | seq_mean_token_sum_norm."""
     value_clip_eps: float | None = 0.2
     """Value clip around the old values; null disables."""
     kl_coef: float = 0.01
-    """Weight of KL(pi || pi_ref)."""
+    """Weight of KL(pi || pi_ref); the starting value when kl_target is set."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): steer kl_coef so the per-sequence KL approaches this; null: fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL: samples over which the coefficient may change by about e^0.2."""
     kl_estimator: KLEstimator = KLEstimator.K1
     """k1 (log-ratio), k2 (squared/2) or k3 (exp(-r) - 1 + r)."""
     kl_in: KLPlacement = KLPlacement.REWARD
-    """Where the KL goes: `reward` (per-token penalty) or `loss`."""
+    """Where the KL goes: `reward` (per-token penalty) or `loss` (needs k2 or k3)."""
     whiten_advantages: bool = True
-    """Normalise advantages over the batch's response tokens (mean 0, std 1)."""
+    """gae: normalise advantages over the batch's response tokens (mean 0, std 1). reinforce_pp always does."""
     entropy_coef: float = 0.0
     """Entropy bonus in the policy loss."""
     target_kl: float | None = None
     """Stop the actor's epochs early when approx KL(old || new) exceeds this; null: never."""
-    vf_coef: float = 1.0
-    """Scale of the value loss."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: add ptx_coef * LM loss on a data.pretrain micro-batch to every actor micro-batch (0: off)."""
 
     def __post_init__(self) -> None:
         self._unit_interval("gamma", "lam")
         self._require(0.0 < self.clip_eps < 1.0, "clip_eps", "a number in (0, 1)")
+        if self.clip_eps_high is not None:
+            self._positive("clip_eps_high")
+        if self.dual_clip is not None:
+            self._require(self.dual_clip > 1.0, "dual_clip", "a number > 1 (or null)")
         if self.value_clip_eps is not None:
             self._positive("value_clip_eps")
         self._require(self.kl_coef >= 0, "kl_coef", "a number >= 0")
+        if self.kl_target is not None:
+            self._positive("kl_target")
+        self._positive("kl_horizon")
+        # k1's gradient, E_pi[grad log pi * 1] = grad of sum pi = 0, has zero expectation on-policy:
+        # in the loss it adds noise and no pull toward the reference.
+        self._require(not (self.kl_in == KLPlacement.LOSS and self.kl_estimator == KLEstimator.K1), "kl_estimator",
+                      "k3 or k2 with algo.kl_in=loss (k1's gradient has zero expectation on-policy)")
         self._require(self.entropy_coef >= 0, "entropy_coef", "a number >= 0")
         if self.target_kl is not None:
             self._positive("target_kl")
-        self._positive("vf_coef")
+        self._require(self.ptx_coef >= 0, "ptx_coef", "a number >= 0")
 
 
 @dataclass
@@ -369,6 +425,21 @@ class Config:
                               f">= data.max_prompt_tokens + rollout.max_new_tokens = {needed}, or null")
         if self.data.eval_prompts is None and not self.data.prompts.startswith(BUILTIN_PREFIX):
             raise ConfigError("data.eval_prompts", None, "a prompt file or dataset path (required when data.prompts is not builtin)")
+        self._check_algo()
+
+    def _check_algo(self) -> None:
+        """Algorithm settings that depend on other sections."""
+        estimator, n = self.algo.advantage_estimator, self.train.samples_per_prompt
+        if estimator.uses_groups and n < 2:
+            raise ConfigError("train.samples_per_prompt", n,
+                              f"an integer >= 2 with algo.advantage_estimator={estimator.value} (it compares "
+                              f"responses to the same prompt)")
+        if estimator.uses_groups and self.train.rollout_batch_size % self.placement.num_gpus:
+            raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
+                              f"a multiple of placement.num_gpus ({self.placement.num_gpus}) with "
+                              f"{estimator.value}: every rank computes advantages over whole groups")
+        if self.algo.ptx_coef > 0 and self.data.pretrain is None:
+            raise ConfigError("data.pretrain", None, "a JSONL file or datasets directory (required when algo.ptx_coef > 0)")
 
     @property
     def num_engines(self) -> int:

@@ -29,9 +29,10 @@ import yaml
 from hybrid_ppo.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, read_state, replace_dir,
                                    write_checkpoint)
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, load_config
-from hybrid_ppo.memory.plan import PHASE_PLAN, Phase, Role, resident_everything
+from hybrid_ppo.memory.plan import Phase, Residency, Role, phase_plan, resident_everything
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, read_metrics
+from hybrid_ppo.placement import roles_for
 from hybrid_ppo.progress import iteration_progress
 from hybrid_ppo.roles.reward import RuleReward
 from hybrid_ppo.special_tokens import SpecialTokens, resolve_special_tokens
@@ -46,6 +47,7 @@ RESUMABLE_KEYS = frozenset({
     "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
     "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
     "logging.samples_per_iteration",
+    "train.eval_every",
 })
 """What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
 of an iteration (offloading moves states bit for bit)."""
@@ -65,6 +67,8 @@ class RunResult:
     eval_before: float
     eval_after: float
     seconds: float
+    eval_is_accuracy: bool = True
+    """The reward is a 0/1 rule, so the eval figures are accuracies (else mean rewards)."""
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -121,9 +125,16 @@ def resolve_models(cfg: Config) -> dict[str, str | None]:
             "reward": resolve_model("model.reward_model", m.reward_model, cfg) if m.reward_model else None}
 
 
+def memory_plan(cfg: Config) -> dict[Phase, Residency]:
+    """The phase plan for the roles this config runs (`memory.offload=false`: keep everything)."""
+    roles = [Role(r) for r in roles_for(cfg)]
+    return phase_plan(roles) if cfg.memory.offload else resident_everything(roles)
+
+
 def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[str, str | None],
                 metrics: MetricsWriter | None = None) -> RoleGroups:
-    """Spawn each role in turn and hand it to the scheduler, which offloads it before the next one."""
+    """Spawn each role the config runs in turn and hand it to the scheduler, which offloads it
+    before the next one."""
     from hybrid_ppo.roles.actor import Actor
     from hybrid_ppo.roles.critic import Critic
     from hybrid_ppo.roles.reference import Reference
@@ -131,18 +142,17 @@ def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[s
     from hybrid_ppo.rollout.worker import RolloutWorker
 
     specs = [(Role.ROLLOUT, RolloutWorker, paths["actor"]), (Role.ACTOR, Actor, paths["actor"]),
-             (Role.CRITIC, Critic, paths["critic"]), (Role.REFERENCE, Reference, paths["reference"])]
-    if paths["reward"] is not None:
-        specs.append((Role.REWARD, RewardModel, paths["reward"]))
+             (Role.CRITIC, Critic, paths["critic"]), (Role.REFERENCE, Reference, paths["reference"]),
+             (Role.REWARD, RewardModel, paths["reward"])]
     groups = {}
-    for role, cls, path in specs:
+    for role, cls, path in [spec for spec in specs if spec[0].value in roles_for(cfg)]:
         start = time.perf_counter()
         groups[role] = executor.spawn(role.value, cls, path)
         moves = scheduler.register(role, groups[role])
         if metrics is not None:
             metrics.log_moves(0, moves)
         log.info("built %s (%d rank(s)) in %.1fs", role.value, groups[role].world_size, time.perf_counter() - start)
-    return RoleGroups(actor=groups[Role.ACTOR], critic=groups[Role.CRITIC], reference=groups[Role.REFERENCE],
+    return RoleGroups(actor=groups[Role.ACTOR], critic=groups.get(Role.CRITIC), reference=groups[Role.REFERENCE],
                       rollout=groups[Role.ROLLOUT], reward=groups.get(Role.REWARD))
 
 
@@ -177,6 +187,10 @@ def load_inputs(cfg: Config) -> Inputs:
     prompts = prepare_prompts(cfg, tokenizer, train_examples, eval_examples)
     if paths["reward"] is not None:
         check_reward_tokenizer(tokenizer, paths["reward"], [e.prompt for e in prompts.train[:64]])
+    if cfg.algo.ptx_coef > 0:  # the actor ranks read it again; a bad file fails here, before anything starts
+        from hybrid_ppo.ptx import read_pretrain_texts
+
+        read_pretrain_texts(cfg.data.pretrain)
     return Inputs(paths, tokenizer, prompts.token_ids, prompts.train, prompts.eval, rule_reward,
                   resolve_special_tokens(paths["actor"]))
 
@@ -188,8 +202,8 @@ def train(cfg: Config) -> RunResult:
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         run_dir = make_run_dir(cfg)
-        before, after = run_logged(run_dir, cfg, inputs, checkpoint=None)
-    return RunResult(run_dir, before, after, time.perf_counter() - start)
+        before, after, is_accuracy = run_logged(run_dir, cfg, inputs, checkpoint=None)
+    return RunResult(run_dir, before, after, time.perf_counter() - start, is_accuracy)
 
 
 def resume(run_dir: str | Path, overrides: list[str]) -> RunResult:
@@ -208,8 +222,8 @@ def resume(run_dir: str | Path, overrides: list[str]) -> RunResult:
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        before, after = run_logged(run_dir, cfg, inputs, checkpoint)
-    return RunResult(run_dir, before, after, time.perf_counter() - start)
+        before, after, is_accuracy = run_logged(run_dir, cfg, inputs, checkpoint)
+    return RunResult(run_dir, before, after, time.perf_counter() - start, is_accuracy)
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:
@@ -229,7 +243,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     return cfg
 
 
-def run_logged(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None) -> tuple[float, float]:
+def run_logged(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None) -> tuple[float, float, bool]:
     """`train_in` with train.log attached; a failure's traceback goes there, and out as RunFailed."""
     try:
         with log_handler(logging.FileHandler(run_dir / "train.log")):
@@ -243,7 +257,7 @@ def run_logged(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | No
         raise RunFailed(run_dir, _latest_or_none(run_dir)) from err
 
 
-def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None = None) -> tuple[float, float]:
+def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None = None) -> tuple[float, float, bool]:
     """Start the executor, build the roles (restored from `checkpoint` if given), run PPO, export."""
     from hybrid_ppo.data import PromptBatches, prompt_key
     from hybrid_ppo.executor import make_executor
@@ -252,9 +266,10 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None
     start = time.perf_counter()
     tokenizer = inputs.tokenizer
     stop = StopRequest()
-    scheduler = MemoryScheduler(PHASE_PLAN if cfg.memory.offload else resident_everything())
+    scheduler = MemoryScheduler(memory_plan(cfg))
     metrics = MetricsWriter(run_dir, cfg.logging.tensorboard,
-                            resume_after=read_state(checkpoint)["iteration"] if checkpoint else None)
+                            resume_after=read_state(checkpoint)["iteration"] if checkpoint else None,
+                            tags={"estimator": cfg.algo.advantage_estimator.value})
     executor = make_executor(cfg)
     try:
         executor.start()
@@ -274,7 +289,7 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None
         executor.shutdown()
     log.info("held-out %s (greedy): before PPO %.3f -> after PPO %.3f", EVAL_METRIC, *result)
     log.info("run finished in %.1fs; outputs in %s", time.perf_counter() - start, run_dir)
-    return result
+    return (*result, trainer.eval_is_accuracy)
 
 
 def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: MetricsWriter, run_dir: Path,
@@ -283,9 +298,10 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
     trainer.initial_sync()
     first = trainer.iteration
     if first == 0:
-        before = trainer.evaluate(eval_examples)[EVAL_METRIC]
+        evaluation = trainer.evaluate(eval_examples)
+        before = evaluation[EVAL_METRIC]
         log.info("held-out %s (greedy) before PPO: %.3f", EVAL_METRIC, before)
-        metrics.log(0, {EVAL_METRIC: before})
+        metrics.log(0, evaluation)
     else:
         before = next((r[EVAL_METRIC] for r in read_metrics(metrics.path) if EVAL_METRIC in r), float("nan"))
     saved = first if first else None
@@ -293,8 +309,11 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
         for it in range(first, cfg.train.iterations):
             if stop.requested:
                 break
+            # The samples of one prompt are contiguous rows: the group estimators rely on it.
             examples = [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
             stats = trainer.step(examples)
+            if cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0 and it + 1 != cfg.train.iterations:
+                stats.update(trainer.evaluate(eval_examples))
             metrics.log(it + 1, stats)  # before the checkpoint: a resume never loses a logged iteration
             advance(stats)
             if cfg.train.save_every and (it + 1) % cfg.train.save_every == 0:
@@ -305,9 +324,9 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
         saved = save_state(cfg, trainer, batches, metrics, run_dir)
     if stop.requested:
         raise Interrupted(stop.signum, trainer.iteration, _latest_or_none(run_dir))
-    after = trainer.evaluate(eval_examples)[EVAL_METRIC]
-    metrics.log(trainer.iteration, {EVAL_METRIC: after})
-    return before, after
+    after = trainer.evaluate(eval_examples)
+    metrics.log(trainer.iteration, after)
+    return before, after[EVAL_METRIC]
 
 
 def save_state(cfg: Config, trainer: PPOTrainer, batches, metrics: MetricsWriter, run_dir: Path) -> int:

@@ -20,7 +20,10 @@ class MetricsWriter:
     """Appends to a run's metrics. `resume_after=k` (a resume from iteration k's checkpoint) first
     drops whatever a dead attempt logged past k, so no iteration appears twice or goes missing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_after: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_after: int | None = None,
+                 tags: dict[str, str] | None = None):
+        self.tags = dict(tags or {})
+        """Written on every metrics.jsonl line (e.g. the advantage estimator), never to TensorBoard."""
         self.path = run_dir / "metrics.jsonl"
         if resume_after is not None:
             keep_through(self.path, resume_after)
@@ -42,7 +45,7 @@ class MetricsWriter:
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:
             raise FloatingPointError(f"non-finite metric(s) at iteration {step}: {', '.join(bad)}")
-        self._file.write(json.dumps({"iteration": step, **metrics}) + "\n")
+        self._file.write(json.dumps({"iteration": step, **self.tags, **metrics}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
@@ -77,10 +80,19 @@ def keep_through(path: Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
+def combine(key: str, values: list[float]) -> float:
+    """One value from many (micro-batches, ranks): `*_max` / `*_min` keep the extreme, the rest average."""
+    if key.endswith("_max"):
+        return max(values)
+    if key.endswith("_min"):
+        return min(values)
+    return sum(values) / len(values)
+
+
 def mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Average each metric over the ranks that reported it."""
+    """Combine each metric over the ranks that reported it (`combine`)."""
     keys = {k for stats in per_rank for k in stats}
-    return {k: sum(s[k] for s in per_rank if k in s) / sum(k in s for s in per_rank) for k in sorted(keys)}
+    return {k: combine(k, [s[k] for s in per_rank if k in s]) for k in sorted(keys)}
 
 
 def peak_memory(moves: Iterable[Move]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
 ROLES: tuple[str, ...] = ("actor", "critic", "reference", "reward", "rollout")
-"""Every role, in table order. `reward` has slots only when `model.reward_model` is set."""
+"""Every role, in table order. `reward` has slots only when `model.reward_model` is set, `critic`
+only when the advantage estimator needs one (gae)."""
 
 FRACTION_TOLERANCE = 1e-6
 """Slack on `sum <= 1` per bundle: 5 x 0.2 is 1.0000000000000002 in floating point."""
@@ -109,8 +110,10 @@ def _fmt(x: float) -> str:
 
 
 def roles_for(cfg: Config) -> tuple[str, ...]:
-    """Roles this config runs as ranks: `reward` only with a reward model."""
-    return tuple(r for r in ROLES if r != "reward" or cfg.model.reward_model is not None)
+    """Roles this config runs as ranks: `reward` only with a reward model, `critic` only for an
+    estimator that needs one (a critic-free run has no critic process and no critic memory)."""
+    runs = {"reward": cfg.model.reward_model is not None, "critic": cfg.algo.advantage_estimator.needs_critic}
+    return tuple(r for r in ROLES if runs.get(r, True))
 
 
 def make_plan(cfg: Config) -> PlacementPlan:

@@ -4,7 +4,9 @@
              -> train critic -> train actor -> sync weights to the engines
 
 Every phase runs inside `self.phase(...)`, which lets the memory scheduler make the plan's moves
-and times the phase. Ray, offloading and timing stay behind that one call.
+and times the phase. Ray, offloading and timing stay behind that one call. The scoring and
+training phases are those of the run's plan (`memory/plan.py`): a critic-free estimator's plan
+has no SCORE_CRITIC or TRAIN_CRITIC, so the loop never asks for a critic.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from hybrid_ppo.algo.advantages import compute_advantages, token_rewards
+from hybrid_ppo.algo.advantages import token_rewards
+from hybrid_ppo.algo.estimators import AdvantageBatch, sequence_scores
 from hybrid_ppo.algo.experience import Experience, Sequences
-from hybrid_ppo.algo.ppo import kl_penalty, masked_mean
+from hybrid_ppo.algo.kl_controller import KLController
+from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
 from hybrid_ppo.config import Config, KLPlacement
 from hybrid_ppo.executor import RoleError
-from hybrid_ppo.memory.plan import Phase
+from hybrid_ppo.memory.plan import SAVE_PHASES, SCORE_PHASES, Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.roles.reward import RuleReward
@@ -39,16 +43,32 @@ log = logging.getLogger(__name__)
 EVAL_METRIC = "eval/reward_mean"
 """Mean reward of greedy responses to held-out prompts: the accuracy, for a 0/1 rule reward."""
 
+SCORE_CALLS: dict[Phase, tuple[str, str, str]] = {
+    Phase.SCORE_ACTOR: ("actor", "logprobs", "old_logprobs"),
+    Phase.SCORE_REFERENCE: ("reference", "logprobs", "ref_logprobs"),
+    Phase.SCORE_CRITIC: ("critic", "values", "values"),
+}
+"""Model-scoring phase -> (role, method on its ranks, what the result is called)."""
+
+TRAIN_ROLES: dict[Phase, str] = {Phase.TRAIN_CRITIC: "critic", Phase.TRAIN_ACTOR: "actor"}
+SAVE_ROLES: dict[Phase, str] = {Phase.SAVE_ACTOR: "actor", Phase.SAVE_CRITIC: "critic"}
+
 
 @dataclass
 class RoleGroups:
-    """The executor's handles on every role (reward is None with a rule reward)."""
+    """The executor's handles on every role (reward is None with a rule reward, critic None for a
+    critic-free estimator)."""
 
     actor: object
-    critic: object
+    critic: object | None
     reference: object
     rollout: object
     reward: object | None
+
+    @property
+    def advantage(self) -> object:
+        """Whose ranks run ADVANTAGE: the critic's, or the actor's without a critic."""
+        return self.critic if self.critic is not None else self.actor
 
 
 @dataclass(frozen=True)
@@ -69,10 +89,14 @@ class PPOTrainer:
         self.special = special or special_tokens_from(None, None, tokenizer, where="tokenizer")
         self.iteration = 0
         self._metrics: dict[str, float] = {}
+        self.kl = KLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
+        self.eval_is_accuracy = rule_reward is not None
+        """Whether eval/reward_mean is an accuracy: a rule reward that has only ever given 0 or 1."""
 
     # -- one PPO iteration ------------------------------------------------------------------
     def step(self, examples: list[Example]) -> dict[str, float]:
         self._metrics = {}
+        start = time.perf_counter()
         with self.phase(Phase.GENERATE):
             rollout = self.generate(examples, self.sampling())
         scores = self.score(rollout)
@@ -84,14 +108,20 @@ class PPOTrainer:
                 rollout.engine_logprobs, scores["old_logprobs"], rollout.sequences.action_mask)
         with self.phase(Phase.ADVANTAGE):
             experience = self.make_experience(rollout, **scores)
-        with self.phase(Phase.TRAIN_CRITIC):
-            critic_stats = self.train(self.roles.critic, experience)
-        with self.phase(Phase.TRAIN_ACTOR):
-            actor_stats = self.train(self.roles.actor, experience)
+        train_stats: dict[str, float] = {}
+        for phase in self.plan_phases(TRAIN_ROLES):
+            with self.phase(phase):
+                train_stats.update(self.train(phase, experience))
         with self.phase(Phase.SYNC):
             self.sync_weights()
+        self.kl.update(self._metrics["kl/sequence_mean"], len(experience))
         self.iteration += 1
-        return {**self.rollout_stats(rollout, experience), **critic_stats, **actor_stats, **self._metrics}
+        self._metrics.update(self.throughput(rollout, time.perf_counter() - start))
+        return {**self.rollout_stats(rollout, experience), **train_stats, **self._metrics}
+
+    def plan_phases(self, phases) -> list[Phase]:
+        """Those of `phases` that this run's plan has, in iteration order."""
+        return [p for p in self.scheduler.plan if p in phases]
 
     def generate(self, examples: list[Example], sampling: SamplingParams) -> Rollout:
         prompts = self.encode(examples)
@@ -115,32 +145,50 @@ class PPOTrainer:
         return decode_responses(self.tokenizer, self.special, response_ids, response_mask)
 
     def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """One model at a time, each on its own shards: old log-probs, ref log-probs, values, rewards."""
-        seq = rollout.sequences
-        with self.phase(Phase.SCORE_ACTOR):
-            old_logprobs = self._sharded(self.roles.actor, "logprobs", seq)
-        with self.phase(Phase.SCORE_REFERENCE):
-            ref_logprobs = self._sharded(self.roles.reference, "logprobs", seq)
-        with self.phase(Phase.SCORE_CRITIC):
-            values = self._sharded(self.roles.critic, "values", seq)
-        with self.phase(Phase.SCORE_REWARD):
-            rewards = self.sequence_rewards(rollout)
-        return {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": rewards}
+        """One model at a time, each on its own shards: old log-probs, ref log-probs, values (with a
+        critic), rewards."""
+        out = {}
+        for phase in self.plan_phases(SCORE_PHASES):
+            with self.phase(phase):
+                if phase is Phase.SCORE_REWARD:
+                    out["scores"] = self.sequence_rewards(rollout)
+                else:
+                    role, method, name = SCORE_CALLS[phase]
+                    out[name] = self._sharded(getattr(self.roles, role), method, rollout.sequences)
+        return out
 
-    def make_experience(self, rollout: Rollout, old_logprobs, ref_logprobs, values, scores) -> Experience:
+    def make_experience(self, rollout: Rollout, old_logprobs, ref_logprobs, scores, values=None) -> Experience:
+        """KL-shaped token rewards here; the estimator (GAE through ops.gae, whitening) on the
+        advantage role's ranks, each on its shard of whole groups."""
         algo, mask = self.cfg.algo, rollout.sequences.action_mask
         kl = kl_penalty(old_logprobs, ref_logprobs, algo.kl_estimator)
-        rewards = token_rewards(scores, kl if algo.kl_in == KLPlacement.REWARD else None, mask, algo.kl_coef)
-        adv = compute_advantages(rewards, values, mask, algo.gamma, algo.lam, algo.whiten_advantages)
-        self._metrics.update({"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
-                              "kl/mean": float(masked_mean(kl, mask.float())),
-                              "critic/value_mean": float(masked_mean(values, mask.float()))})
+        rewards = token_rewards(scores, kl if algo.kl_in == KLPlacement.REWARD else None, mask, self.kl.value)
+        group = self.roles.advantage
+        batch = AdvantageBatch(rewards, mask.float(), values)
+        outs = group.call_each("advantages", [(shard,) for shard in batch.shard(group.world_size)])
+        advantages = torch.cat([o.advantages for o in outs])
+        returns = torch.cat([o.returns for o in outs]) if values is not None else None
+        self._metrics.update(self.reward_stats(scores, rewards, kl, mask))
+        if values is not None:
+            self._metrics.update(critic_stats(values, returns, mask))
         return Experience.build(rollout.sequences, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                values=values, rewards=rewards, advantages=adv.advantages, returns=adv.returns)
+                                rewards=rewards, advantages=advantages, values=values, returns=returns)
 
-    def train(self, group, experience: Experience) -> dict[str, float]:
+    def reward_stats(self, scores, rewards, kl, mask) -> dict[str, float]:
+        """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL."""
+        maskf = mask.float()
+        return {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
+                "reward/shaped_mean": float(sequence_scores(rewards, maskf).mean()),
+                "kl/mean": float(masked_mean(kl, maskf)),
+                "kl/sequence_mean": float(masked_sum(kl, maskf, dim=-1).mean()),
+                "kl/coef": self.kl.value}
+
+    def train(self, phase: Phase, experience: Experience) -> dict[str, float]:
+        role = TRAIN_ROLES[phase]
+        group = getattr(self.roles, role)
         shards = experience.shard(group.world_size)
-        return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards]))
+        extra = {"kl_coef": self.kl.value} if role == "actor" else {}
+        return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards], **extra))
 
     def sync_weights(self) -> None:
         """Actor -> engines, bucket by bucket: actor rank i hands each bucket to the engine worker on
@@ -165,39 +213,46 @@ class PPOTrainer:
         """Greedy responses to held-out prompts, scored like rollouts (accuracy for 0/1 rewards)."""
         with self.phase(Phase.GENERATE, record=False):
             rollout = self.generate(examples, SamplingParams(self.cfg.rollout.max_new_tokens, temperature=0.0))
+        lengths = {"eval/response_tokens": float(rollout.sequences.action_mask.sum(-1).float().mean())}
         if self.roles.reward is None:  # a rule reward runs here in the driver: no phase change
-            return {EVAL_METRIC: float(self.sequence_rewards(rollout).mean())}
+            scores = self.sequence_rewards(rollout)
+            self.eval_is_accuracy &= bool(((scores == 0) | (scores == 1)).all())
+            return {EVAL_METRIC: float(scores.mean()), **lengths}
         with self.phase(Phase.SCORE_REWARD, record=False):
             scores = self.sequence_rewards(rollout)
         # Scoring put the engine to sleep (level 2 discards its weights), but the next GENERATE
         # expects the actor's weights in the engine: sync them again.
         self.initial_sync()
-        return {EVAL_METRIC: float(scores.mean())}
+        return {EVAL_METRIC: float(scores.mean()), **lengths}
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What the driver-side loop must carry over a resume. Add driver state here (e.g. an
-        adaptive KL controller); the trained roles' state goes through DeepSpeed instead."""
-        return {"iteration": self.iteration}
+        """What the driver-side loop must carry over a resume (the iteration, the KL coefficient);
+        the trained roles' state goes through DeepSpeed instead."""
+        return {"iteration": self.iteration, "kl": self.kl.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
+        if "kl" in state:
+            self.kl.load_state_dict(state["kl"])
 
     def save_roles(self, directory: str) -> dict[str, float]:
         """Every trained role's DeepSpeed checkpoint, one role resident at a time; returns the timings."""
         self._metrics = {}
-        with self.phase(Phase.SAVE_ACTOR):
-            self.roles.actor.call("save_checkpoint", f"{directory}/actor")
-        with self.phase(Phase.SAVE_CRITIC):
-            self.roles.critic.call("save_checkpoint", f"{directory}/critic")
+        for phase in self.plan_phases(SAVE_PHASES):  # no SAVE_CRITIC without a critic
+            with self.phase(phase):
+                self.roles_of(phase).call("save_checkpoint", f"{directory}/{SAVE_ROLES[phase]}")
         return {k: v for k, v in self._metrics.items() if k.startswith("time/")}
 
     def load_roles(self, directory: str) -> None:
         """Restore what `save_roles` wrote (resume); the engines need a SYNC afterwards."""
-        with self.phase(Phase.SAVE_ACTOR, record=False):
-            self.roles.actor.call("load_checkpoint", f"{directory}/actor")
-        with self.phase(Phase.SAVE_CRITIC, record=False):
-            self.roles.critic.call("load_checkpoint", f"{directory}/critic")
+        for phase in self.plan_phases(SAVE_PHASES):
+            with self.phase(phase, record=False):
+                self.roles_of(phase).call("load_checkpoint", f"{directory}/{SAVE_ROLES[phase]}")
+
+    def roles_of(self, phase: Phase):
+        """The role group a training or saving phase is for."""
+        return getattr(self.roles, {**TRAIN_ROLES, **SAVE_ROLES}[phase])
 
     def initial_sync(self) -> None:
         """A SYNC outside the iteration: engines start without weights, and GENERATE expects them."""
@@ -210,10 +265,20 @@ class PPOTrainer:
 
     def rollout_stats(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
         mask = rollout.sequences.action_mask
+        lengths = mask.sum(-1).float()
         ends_in_eos = (is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
-        return {"rollout/response_tokens": float(mask.sum(-1).float().mean()),
-                "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
-                "critic/return_mean": float(masked_mean(experience.returns, mask.float()))}
+        stats = {"rollout/response_tokens": float(lengths.mean()),
+                 "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
+                 "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+                 "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean())}
+        if experience.returns is not None:
+            stats["critic/return_mean"] = float(masked_mean(experience.returns, mask.float()))
+        return stats
+
+    def throughput(self, rollout: Rollout, seconds: float) -> dict[str, float]:
+        """Whole-iteration time, and real (non-pad) tokens per second per GPU over it."""
+        tokens = float(rollout.sequences.attention_mask.sum())
+        return {"time/step": seconds, "time/tokens_per_s_per_gpu": tokens / seconds / self.cfg.placement.num_gpus}
 
     @contextmanager
     def phase(self, phase: Phase, record: bool = True) -> Iterator[None]:
@@ -257,3 +322,14 @@ def _assemble(prompts: list[list[int]], response_ids: torch.Tensor, response_mas
     tokens = torch.cat([prompt_ids, response_ids], dim=1)
     attention = torch.cat([prompt_mask, response_mask], dim=1)
     return Sequences(tokens, attention, response_mask)
+
+
+def critic_stats(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The rollout's values against their GAE returns: explained variance 1 − Var(R − V) / Var(R)
+    over response tokens (1: perfect, 0: no better than a constant, < 0: worse)."""
+    maskf = mask.float()
+    var_returns = masked_mean((returns - masked_mean(returns, maskf)).square(), maskf)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, maskf)).square(), maskf)
+    explained = 1.0 - var_residual / var_returns if var_returns > 0 else torch.tensor(0.0)
+    return {"critic/value_mean": float(masked_mean(values, maskf)), "critic/explained_variance": float(explained)}

@@ -6,13 +6,13 @@ response tokens, 0 on prompt and padding (left or right).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from hybrid_ppo import ops
-from hybrid_ppo.algo.ppo import masked_mean
+from hybrid_ppo.algo.ppo import masked_sum
 
 # Added to the variance before the square root, so a constant batch whitens to
 # zeros instead of NaN.
@@ -21,10 +21,11 @@ WHITEN_EPS = 1e-8
 
 class Advantages(NamedTuple):
     advantages: Tensor  # [B, T] fp32 GAE advantages (whitened if asked), 0 off the mask
-    returns: Tensor  # [B, T] fp32 critic targets A + V from the unwhitened A, 0 off the mask
+    returns: Tensor | None  # [B, T] fp32 critic targets A + V from the unwhitened A, 0 off the mask; None without a critic
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = WHITEN_EPS) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = WHITEN_EPS,
+           all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalize ``x`` with the mean and variance of its masked entries, over the whole batch.
 
     The variance is the biased (population) one, mean((x − μ)²), so the masked
@@ -32,9 +33,15 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = WHITEN
     single masked entry does not divide by zero. ``shift_mean=False`` only
     scales: x / σ. Entries where ``mask`` is 0 come out 0 and never influence
     μ or σ.
+
+    With ``all_reduce`` (a sum over the ranks that share the batch) μ and σ are those of the
+    whole batch: one reduce of (Σx, n), then one of Σ(x − μ)², the same two passes as on one process.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean).square(), mask)
+    reduce = all_reduce if all_reduce is not None else (lambda t: t)
+    sums = reduce(torch.stack([masked_sum(x, mask), masked_sum(torch.ones_like(x), mask)]))
+    count = sums[1].clamp(min=1)
+    mean = sums[0] / count
+    var = reduce(masked_sum((x - mean).square(), mask).reshape(1))[0] / count
     centered = x - mean if shift_mean else x
     whitened = centered * torch.rsqrt(var + eps)
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
@@ -72,7 +79,7 @@ def token_rewards(
 
 
 @torch.no_grad()
-def compute_advantages(
+def compute_advantages(  # the driver-side reference of the gae estimator (algo/estimators.py)
     rewards: Tensor,
     values: Tensor,
     mask: Tensor,

@@ -63,16 +63,18 @@ class Experience:
     sequences: Sequences
     old_logprobs: Tensor  # [B, R] log pi_old(a_t | s_t), at the rollout temperature
     ref_logprobs: Tensor  # [B, R] log pi_ref(a_t | s_t)
-    values: Tensor  # [B, R] V_old(s_t): critic value of the state before action t
     rewards: Tensor  # [B, R] per-token reward (sequence reward at the last token, KL penalty if in reward)
-    advantages: Tensor  # [B, R] GAE advantages (whitened if configured), 0 on padding
-    returns: Tensor  # [B, R] advantages + values before whitening: the critic's target
+    advantages: Tensor  # [B, R] the estimator's advantages (algo/estimators.py), 0 on padding
+    values: Tensor | None = None  # [B, R] V_old(s_t): critic value of the state before action t; None without a critic
+    returns: Tensor | None = None  # [B, R] GAE advantages + values before whitening: the critic's target
 
     @classmethod
-    def build(cls, sequences: Sequences, **scores: Tensor) -> "Experience":
+    def build(cls, sequences: Sequences, **scores: Tensor | None) -> "Experience":
         """All fields at once; shapes are checked so a misaligned score fails here, not in a loss."""
         batch, width = sequences.action_mask.shape
         for name, tensor in scores.items():
+            if tensor is None:
+                continue
             if tuple(tensor.shape) != (batch, width):
                 raise ValueError(f"experience field {name} has shape {tuple(tensor.shape)}, expected {(batch, width)}")
             if not torch.isfinite(tensor).all():
@@ -85,7 +87,8 @@ class Experience:
 
     def select(self, index: Tensor | slice) -> "Experience":
         """Rows `index` of every field."""
-        tensors = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "sequences"}
+        tensors = {f.name: getattr(self, f.name)[index] for f in fields(self)
+                   if f.name != "sequences" and getattr(self, f.name) is not None}
         return replace(self, sequences=self.sequences.select(index), **tensors)
 
     def shard(self, num_shards: int) -> list["Experience"]:

@@ -5,14 +5,17 @@ Every tensor here is ``[B, T]`` (batch × response positions) unless noted, and
 Padded positions never influence a result: masked reductions select with
 ``torch.where`` rather than multiply, so even a NaN under the mask is ignored.
 
-Losses are token-level means over the whole batch (every response token
-weighs the same, long responses weigh more), as in cleanrl and OpenRLHF.
+Losses are aggregated by ``LossAgg``; by default a token-level mean (every
+response token weighs the same, long responses weigh more), as in cleanrl and
+OpenRLHF. Given a ``LossNorm`` (``algo/loss_norm.py``), the divisor is the
+whole mini-batch's, across micro-batches and ranks, not the micro-batch's own.
 Diagnostics (``clip_frac``, ``approx_kl``) are detached 0-d tensors; calling
 ``.item()`` on them is a CPU-GPU sync point, so the caller decides when.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
@@ -38,6 +41,48 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """
     count = masked_sum(torch.ones_like(x), mask, dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+class LossAgg(str, Enum):
+    """How per-token losses become one number (``aggregate``).
+
+    - ``TOKEN_MEAN``: Σ_tokens loss / tokens. Every token weighs the same.
+    - ``SEQ_MEAN_TOKEN_MEAN``: mean over sequences of each one's token mean. Every sequence
+      weighs the same, so a long response's tokens count less (GRPO's original loss).
+    - ``SEQ_MEAN_TOKEN_SUM_NORM``: mean over sequences of Σ_tokens loss / horizon, a constant
+      (``rollout.max_new_tokens``): Dr. GRPO's fix for GRPO's length bias.
+    """
+
+    TOKEN_MEAN = "token_mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """The divisors of one mini-batch, so a micro-batch's loss is its exact share of it."""
+
+    tokens: float  # response tokens in the whole mini-batch (every micro-batch on every rank)
+    sequences: float  # sequences in the whole mini-batch
+    horizon: float  # SEQ_MEAN_TOKEN_SUM_NORM's constant divisor
+    scale: float = 1.0  # multiplies the share; undoes the engine's own averaging (see loss_norm.py)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, agg: LossAgg | str = LossAgg.TOKEN_MEAN,
+              norm: LossNorm | None = None) -> Tensor:
+    """``per_token`` ``[B, T]`` reduced by ``agg``. Without ``norm`` the batch given is the whole
+    batch (its own token and sequence counts; horizon T)."""
+    agg = LossAgg(agg)
+    if norm is None:
+        norm = LossNorm(tokens=float(masked_sum(torch.ones_like(per_token), mask).clamp(min=1)),
+                        sequences=float(max(per_token.shape[0], 1)), horizon=float(per_token.shape[-1]))
+    if agg is LossAgg.TOKEN_MEAN:
+        total = masked_sum(per_token, mask) / max(norm.tokens, 1.0)
+    elif agg is LossAgg.SEQ_MEAN_TOKEN_MEAN:
+        total = masked_mean(per_token, mask, dim=-1).sum() / max(norm.sequences, 1.0)
+    else:
+        total = (masked_sum(per_token, mask, dim=-1) / norm.horizon).sum() / max(norm.sequences, 1.0)
+    return total * norm.scale
 
 
 class KLEstimator(str, Enum):
@@ -75,17 +120,22 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator | 
 
 
 def kl_loss(
-    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: KLEstimator | str
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: KLEstimator | str,
+    agg: LossAgg | str = LossAgg.TOKEN_MEAN, norm: LossNorm | None = None,
 ) -> Tensor:
-    """KL(π ‖ π_ref) as a loss term (token-level masked mean), for when the KL
-    penalty goes into the loss rather than into the reward."""
-    return masked_mean(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+    """KL(π ‖ π_ref) as a loss term (aggregated like the policy loss), for when the KL
+    penalty goes into the loss rather than into the reward. Use k3 or k2 here: k1's gradient
+    has zero expectation on-policy (the config refuses it)."""
+    return aggregate(kl_penalty(logprobs, ref_logprobs, estimator), mask, agg, norm)
 
 
 class PolicyLoss(NamedTuple):
     loss: Tensor  # [] clipped surrogate loss, differentiable
     clip_frac: Tensor  # [] detached: fraction of response tokens where the clipped term binds
     approx_kl: Tensor  # [] detached: k3 estimate of KL(π_old ‖ π)
+    ratio_max: Tensor  # [] detached: largest ρ over response tokens (1 if there are none)
+    ratio_min: Tensor  # [] detached: smallest ρ over response tokens (1 if there are none)
+    clip_frac_lower: Tensor  # [] detached: fraction where dual-clip's bound −c·A binds (0 without it)
 
 
 def policy_loss(
@@ -94,28 +144,45 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: LossAgg | str = LossAgg.TOKEN_MEAN,
+    norm: LossNorm | None = None,
 ) -> PolicyLoss:
-    """PPO clipped surrogate loss.
+    """PPO clipped surrogate loss, with optional clip-higher and dual-clip.
 
-    With ρ = exp(log π − log π_old) and advantage A, per token::
+    With ρ = exp(log π − log π_old), advantage A, ε_hi = ``clip_eps_high`` (default ε), per token::
 
-        loss_t = −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A)
+        loss_t = max(−ρ·A, −clip(ρ, 1 − ε, 1 + ε_hi)·A)
+        dual-clip (c > 1), where A < 0:   loss_t = min(loss_t, −c·A)
 
-    averaged over response tokens. ``clip_frac`` counts the tokens where the
-    clipped term is strictly the smaller one, i.e. where the token gives no
-    gradient. ``approx_kl`` is k3 of KL(π_old ‖ π) on tokens sampled from
-    π_old: mean(ρ − 1 − log ρ), as in cleanrl.
+    aggregated by ``agg`` (token mean by default). Dual-clip bounds the loss of a token whose
+    ratio exploded on a negative advantage (Ye et al. 2020). ``clip_frac`` counts the tokens
+    where the clipped term is strictly the larger loss, i.e. where the token gives no gradient.
+    ``approx_kl`` is k3 of KL(π_old ‖ π) on tokens sampled from π_old: mean(ρ − 1 − log ρ),
+    as in cleanrl.
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logprobs.float() - old_logprobs.float()
     ratio = log_ratio.exp()
     advantages = advantages.float()
-    surrogate = ratio * advantages
-    clipped_surrogate = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = masked_mean(-torch.min(surrogate, clipped_surrogate), mask)
+    unclipped = -ratio * advantages
+    clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
+    per_token = torch.max(unclipped, clipped)
+    lower = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        lower = (advantages < 0) & (bound < per_token)
+        per_token = torch.where(lower, bound, per_token)
+    loss = aggregate(per_token, mask, agg, norm)
     with torch.no_grad():
-        clip_frac = masked_mean((clipped_surrogate < surrogate).float(), mask)
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(ratio - 1.0 - log_ratio, mask)
-    return PolicyLoss(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
+        on_mask = ratio[mask.bool()]
+        ratio_max = on_mask.max() if on_mask.numel() else ratio.new_ones(())
+        ratio_min = on_mask.min() if on_mask.numel() else ratio.new_ones(())
+        clip_frac_lower = masked_mean(lower.float(), mask)
+    return PolicyLoss(loss, clip_frac, approx_kl, ratio_max, ratio_min, clip_frac_lower)
 
 
 class ValueLoss(NamedTuple):
@@ -129,6 +196,8 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_eps: float | None,
+    agg: LossAgg | str = LossAgg.TOKEN_MEAN,
+    norm: LossNorm | None = None,
 ) -> ValueLoss:
     """Critic loss, optionally clipped around the rollout-time values.
 
@@ -136,18 +205,18 @@ def value_loss(
 
         loss_t = 0.5 · max((V − R)², (V_clip − R)²)
 
-    averaged over response tokens. ``clip_eps=None`` gives the plain
+    aggregated by ``agg`` (token mean by default). ``clip_eps=None`` gives the plain
     0.5 · (V − R)² and ``clip_frac`` 0. ``clip_frac`` counts the tokens where
     the clipped error is strictly the larger one.
     """
     values, returns = values.float(), returns.float()
     error = (values - returns).square()
     if clip_eps is None:
-        return ValueLoss(loss=0.5 * masked_mean(error, mask), clip_frac=error.new_zeros(()))
+        return ValueLoss(loss=0.5 * aggregate(error, mask, agg, norm), clip_frac=error.new_zeros(()))
     old_values = old_values.float()
     clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     clipped_error = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.max(error, clipped_error), mask)
+    loss = 0.5 * aggregate(torch.max(error, clipped_error), mask, agg, norm)
     with torch.no_grad():
         clip_frac = masked_mean((clipped_error > error).float(), mask)
     return ValueLoss(loss=loss, clip_frac=clip_frac)

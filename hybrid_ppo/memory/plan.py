@@ -6,7 +6,9 @@ Read the table top to bottom as one PPO iteration.
   not just the actor and critic as in OpenRLHF: the reference and reward model are dead weight here.
 * SCORE runs one model at a time, each for its forward only, so its peak is one model's weights
   plus activations. The engine sleeps first (level 2 discards its weights; SYNC refills them).
-* ADVANTAGE is a pass over [B, T] rewards and values; no model needs to be resident.
+* ADVANTAGE is a pass over [B, T] rewards and values (GAE through `ops.gae`, whitening) on the
+  critic's ranks, or the actor's without a critic: they use their devices, not their weights, so
+  no model needs to be resident.
 * TRAIN_CRITIC and TRAIN_ACTOR each hold one model's params + grads + optimizer, never both.
 * SYNC holds the actor's weights and the engine's weights only. The KV cache stays asleep until
   GENERATE, so the peak during the copy is two copies of the weights and nothing else.
@@ -19,12 +21,18 @@ Read the table top to bottom as one PPO iteration.
 
 Roles not named in a phase have nothing resident. `resident_everything()` is the plan used when
 `memory.offload=false`: every state stays put, which is handy for debugging but not a memory plan.
+
+A config that runs fewer roles gets fewer phases: `phase_plan(roles)` drops every phase that exists
+only for a role the config does not run (`PHASE_ROLE`). A critic-free estimator (GRPO, RLOO,
+REINFORCE++) has no critic, so its plan has no SCORE_CRITIC, TRAIN_CRITIC or SAVE_CRITIC, and the trainer,
+which walks the plan, never enters them. SCORE_REWARD stays without a reward model: a rule reward
+runs in the driver during it.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Mapping
+from typing import Iterable, Mapping
 
 
 class Phase(str, Enum):
@@ -88,19 +96,38 @@ PHASE_PLAN: dict[Phase, Residency] = {
 }
 
 
+PHASE_ROLE: dict[Phase, Role] = {
+    Phase.SCORE_CRITIC: Role.CRITIC,
+    Phase.TRAIN_CRITIC: Role.CRITIC,
+    Phase.SAVE_CRITIC: Role.CRITIC,
+}
+"""Phases that exist only for one role: a plan without that role has no such phase."""
+
+
+def phase_plan(roles: Iterable[Role]) -> dict[Phase, Residency]:
+    """PHASE_PLAN for the roles a config runs: phases of absent roles dropped, and absent roles
+    dropped from the phases that remain. Phase order is iteration order."""
+    present = set(roles)
+    return {phase: {role: states for role, states in residency.items() if role in present}
+            for phase, residency in PHASE_PLAN.items() if phase not in PHASE_ROLE or PHASE_ROLE[phase] in present}
+
+
 def resident(plan: Mapping[Phase, Residency], phase: Phase, role: Role) -> frozenset[State]:
     """States of `role` that must be on the device during `phase` (empty: fully offloaded)."""
     return plan[phase].get(role, frozenset())
 
 
-def resident_everything() -> dict[Phase, Residency]:
-    """The no-offload plan: every role keeps every state in every phase."""
-    return {phase: dict(ROLE_STATES) for phase in Phase}
+def resident_everything(roles: Iterable[Role] = tuple(Role)) -> dict[Phase, Residency]:
+    """The no-offload plan for `roles` (default: all): every role keeps every state in every phase."""
+    roles = tuple(roles)
+    return {phase: {role: ROLE_STATES[role] for role in roles} for phase in phase_plan(roles)}
 
 
 def validate_plan(plan: Mapping[Phase, Residency]) -> None:
-    """Refuse a plan that skips a phase or asks a role for a state it does not have."""
-    missing = [p.value for p in Phase if p not in plan]
+    """Refuse a plan that skips a phase its roles need, or asks a role for a state it does not have.
+    A phase of `PHASE_ROLE` may be absent only when the plan never names its role."""
+    named = {role for residency in plan.values() for role in residency}
+    missing = [p.value for p in Phase if p not in plan and (p not in PHASE_ROLE or PHASE_ROLE[p] in named)]
     if missing:
         raise ValueError(f"memory plan has no entry for phase(s): {', '.join(missing)}")
     for phase, residency in plan.items():
@@ -116,7 +143,7 @@ def describe(plan: Mapping[Phase, Residency], roles: list[Role]) -> str:
     width = max(len(r.value) for r in roles) + 12
     header = f"{'phase':<16}" + "".join(f"{r.value:<{width}}" for r in roles)
     rows = [header]
-    for phase in Phase:
+    for phase in plan:
         cells = []
         for role in roles:
             states = sorted(s.value for s in resident(plan, phase, role))

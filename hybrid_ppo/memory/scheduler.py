@@ -48,19 +48,22 @@ class MemoryScheduler:
         every role at once; the first `enter` brings back what its phase needs."""
         self.groups[role] = group
         self.resident[role] = ROLE_STATES[role]
-        keep = frozenset(ROLE_STATES[role]) if self._keeps_everything() else frozenset()
+        keep = frozenset(ROLE_STATES[role]) if self._keeps_everything(role) else frozenset()
         return self._move(None, role, "offload", self.resident[role] - keep)
 
     def enter(self, phase: Phase) -> list[Move]:
         """Switch to `phase`: offload for every role, then reload for every role."""
+        if phase not in self.plan:
+            raise ValueError(f"phase {phase.value} is not in this run's plan (phases: "
+                             f"{', '.join(p.value for p in self.plan)})")
         targets = {role: resident(self.plan, phase, role) for role in self.groups}
         moves = [self._move(phase, role, "offload", self.resident[role] - targets[role]) for role in self.groups]
         moves += [self._move(phase, role, "reload", targets[role] - self.resident[role]) for role in self.groups]
         self.phase = phase
         return [m for group in moves for m in group]
 
-    def _keeps_everything(self) -> bool:
-        return all(resident(self.plan, p, r) == s for p in Phase for r, s in ROLE_STATES.items())
+    def _keeps_everything(self, role: Role) -> bool:
+        return all(resident(self.plan, p, role) == ROLE_STATES[role] for p in self.plan)
 
     def _move(self, phase: Phase | None, role: Role, direction: str, states: frozenset[State]) -> list[Move]:
         if not states:

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from hybrid_ppo.algo.experience import Experience, Sequences
-from hybrid_ppo.algo.ppo import KLEstimator, kl_loss, masked_mean, policy_loss
+from hybrid_ppo.algo.ppo import KLEstimator, LossNorm, aggregate, kl_loss, masked_mean, policy_loss
 from hybrid_ppo.config import Config, KLPlacement
+from hybrid_ppo.ptx import PTXBatches, lm_loss, read_pretrain_texts
 from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
 from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
 from hybrid_ppo.roles.models import load_causal_lm
@@ -25,6 +26,19 @@ class Actor(TrainedRole):
         self.model_path = model_path
         self._sync: tuple[list, BucketStager] | None = None  # buckets and buffers of the sync in progress
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
+        self.ptx = self._ptx_batches() if cfg.algo.ptx_coef > 0 else None
+
+    def _ptx_batches(self) -> PTXBatches:
+        from transformers import AutoTokenizer
+
+        max_tokens = self.cfg.data.max_prompt_tokens + self.cfg.rollout.max_new_tokens
+        return PTXBatches(read_pretrain_texts(self.cfg.data.pretrain), AutoTokenizer.from_pretrained(self.model_path),
+                          self.cfg.train.micro_batch_size, max_tokens, self.cfg.train.seed * 1_000_003 + self.rank)
+
+    def ptx_loss(self) -> Tensor:
+        """LM loss on the next pretraining micro-batch (differentiable)."""
+        ids, mask = next(self.ptx)
+        return lm_loss(self.engine, ids.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
     def logprobs(self, seq: Sequences) -> Tensor:
@@ -34,7 +48,9 @@ class Actor(TrainedRole):
                for c in seq.chunks(self.cfg.train.micro_batch_size)]
         return torch.cat(out)
 
-    def loss(self, micro: Experience) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, micro: Experience, norm: LossNorm, kl_coef: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss − entropy bonus (+ KL in the loss) (+ PTX), as this micro-batch's
+        share of the mini-batch (`norm`). `kl_coef`: the KL controller's current value."""
         algo = self.cfg.algo
         seq = to_device(micro.sequences, self.device)
         mask = seq.action_mask.float()
@@ -43,15 +59,22 @@ class Actor(TrainedRole):
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
                                               inplace_backward=True)
         ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
-                          mask, algo.clip_eps)
-        entropy_mean = masked_mean(entropy, mask)
-        loss = ppo.loss - algo.entropy_coef * entropy_mean
+                          mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm)
+        loss = ppo.loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, norm)
         parts = {"loss/policy": ppo.loss.detach(), "actor/clip_frac": ppo.clip_frac,
-                 "actor/approx_kl": ppo.approx_kl, "actor/entropy": entropy_mean.detach()}
+                 "actor/approx_kl": ppo.approx_kl, "actor/entropy": masked_mean(entropy.detach(), mask),
+                 "actor/ratio_max": ppo.ratio_max, "actor/ratio_min": ppo.ratio_min}
+        if algo.dual_clip is not None:
+            parts["actor/pg_clipfrac_lower"] = ppo.clip_frac_lower
         if algo.kl_in == KLPlacement.LOSS:
-            kl = kl_loss(logprobs, micro.ref_logprobs.to(self.device), mask, KLEstimator(algo.kl_estimator))
-            loss = loss + algo.kl_coef * kl
+            kl = kl_loss(logprobs, micro.ref_logprobs.to(self.device), mask, KLEstimator(algo.kl_estimator),
+                         algo.loss_agg, norm)
+            loss = loss + (algo.kl_coef if kl_coef is None else kl_coef) * kl
             parts["loss/kl"] = kl.detach()
+        if algo.ptx_coef > 0:
+            ptx = self.ptx_loss()
+            loss = loss + algo.ptx_coef * ptx
+            parts["loss/ptx"] = ptx.detach()
         return loss, parts
 
     def early_stop(self, epoch_stats: dict[str, list[float]]) -> bool:

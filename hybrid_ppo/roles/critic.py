@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from hybrid_ppo.algo.experience import Experience, Sequences
-from hybrid_ppo.algo.ppo import value_loss
+from hybrid_ppo.algo.ppo import LossNorm, value_loss
 from hybrid_ppo.config import Config
 from hybrid_ppo.roles.common import to_device, torch_dtype
 from hybrid_ppo.roles.models import ValueModel
@@ -27,8 +27,11 @@ class Critic(TrainedRole):
         return torch.cat([self.engine(to_device(c, self.device)).cpu()
                           for c in seq.chunks(self.cfg.train.micro_batch_size)])
 
-    def loss(self, micro: Experience) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, micro: Experience, norm: LossNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped value regression, as this micro-batch's share of the mini-batch (`norm`). No
+        vf_coef: the critic has its own optimizer, where a loss scale would only shift Adam's eps
+        and gradient clipping, not the balance with the policy loss it means in a shared model."""
         seq = to_device(micro.sequences, self.device)
         out = value_loss(self.engine(seq), micro.values.to(self.device), micro.returns.to(self.device),
-                         seq.action_mask.float(), self.cfg.algo.value_clip_eps)
-        return self.cfg.algo.vf_coef * out.loss, {"loss/value": out.loss.detach(), "critic/clip_frac": out.clip_frac}
+                         seq.action_mask.float(), self.cfg.algo.value_clip_eps, self.cfg.algo.loss_agg, norm)
+        return out.loss, {"loss/value": out.loss.detach(), "critic/clip_frac": out.clip_frac}

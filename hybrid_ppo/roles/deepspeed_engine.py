@@ -2,6 +2,9 @@
 
 ZeRO-2 uses torch AdamW. ZeRO-3 uses DeepSpeed's FusedAdam (DeepSpeedCPUAdam is what its CPU
 offload would use), because `offload_states` under ZeRO-3 refuses any other optimizer.
+
+The LR schedule is a torch `LambdaLR` handed to `deepspeed.initialize`: DeepSpeed steps it after
+each optimizer step and saves it in its checkpoints with the optimizer.
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import math
+
 import torch
 from torch import nn
 
-from hybrid_ppo.config import Config, DType
+from hybrid_ppo.config import Config, DType, LRSchedule
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -46,11 +51,33 @@ def zero3_loading(ds_config: dict[str, Any]) -> Iterator[None]:
 
 
 def _optimizer(cfg: Config, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if cfg.train.zero_stage == 3:
+    t = cfg.train
+    adam = dict(lr=lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    if t.zero_stage == 3:
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(params, lr=lr, weight_decay=cfg.train.weight_decay, adam_w_mode=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+        return FusedAdam(params, adam_w_mode=True, **adam)
+    return torch.optim.AdamW(params, **adam)
+
+
+def lr_factor(schedule: LRSchedule, warmup_steps: int, total_steps: int, step: int) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based): a linear ramp over the
+    first `warmup_steps` (step 0 already at 1/warmup, so no step is wasted at LR 0), then
+    constant, or a cosine / linear decay that reaches 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == LRSchedule.CONSTANT:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == LRSchedule.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def _lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(t.lr_schedule, t.lr_warmup_steps, t.optimizer_steps, step))
 
 
 def build_engine(cfg: Config, world_size: int, lr: float, load: Callable[[], nn.Module]):
@@ -63,7 +90,9 @@ def build_engine(cfg: Config, world_size: int, lr: float, load: Callable[[], nn.
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(cfg, params, lr), config=ds_config)
+    optimizer = _optimizer(cfg, params, lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=_lr_scheduler(cfg, optimizer),
+                                      config=ds_config)
     return engine
 
 

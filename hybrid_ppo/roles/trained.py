@@ -1,4 +1,5 @@
-"""What the actor and critic share: a DeepSpeed engine trained for epochs x micro-batches."""
+"""What the actor and critic share: a DeepSpeed engine trained for epochs x micro-batches, and the
+ADVANTAGE phase, which runs on the critic's ranks (the actor's without a critic) on their devices."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
+from hybrid_ppo.algo.advantages import Advantages
+from hybrid_ppo.algo.estimators import AdvantageBatch, estimate
 from hybrid_ppo.algo.experience import Experience
+from hybrid_ppo.algo.loss_norm import mini_batch_norms
+from hybrid_ppo.algo.ppo import LossNorm
 from hybrid_ppo.config import Config
 from hybrid_ppo.memory.residency import DeepSpeedResidency
+from hybrid_ppo.metrics import combine
 from hybrid_ppo.roles.common import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.deepspeed_engine import build_engine
 
@@ -42,15 +48,17 @@ class TrainedRole(ResidentRole):
         # (measured on CPU); freezing them makes each collect scan only what came later (~1 ms).
         gc.freeze()
 
-    def loss(self, micro: Experience) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, micro: Experience, norm: LossNorm, **loss_args: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """This micro-batch's share of its mini-batch's loss (`norm`), and detached diagnostics."""
         raise NotImplementedError
 
     def early_stop(self, epoch_stats: dict[str, list[float]]) -> bool:
         """Whether to skip the remaining epochs (the actor's target_kl)."""
         return False
 
-    def train(self, experience: Experience, iteration: int) -> dict[str, float]:
-        """PPO epochs over this rank's shard; DeepSpeed accumulates micro-batches into optimizer steps."""
+    def train(self, experience: Experience, iteration: int, **loss_args: float) -> dict[str, float]:
+        """PPO epochs over this rank's shard; DeepSpeed accumulates micro-batches into optimizer steps.
+        `loss_args` go to `loss` (the actor's current KL coefficient)."""
         self.engine.train()
         # Seeded from (seed, iteration, rank): dropout and the order repeat exactly after a resume.
         torch.manual_seed((self.cfg.train.seed * 1_000_003 + iteration) * 1009 + self.rank)
@@ -59,8 +67,11 @@ class TrainedRole(ResidentRole):
         epochs_run, skipped = 0, 0
         for _ in range(self.cfg.train.ppo_epochs):
             epoch_stats: dict[str, list[float]] = defaultdict(list)
-            for micro in experience.micro_batches(self.cfg.train.micro_batch_size, order):
-                loss, parts = self.loss(micro)
+            micros = list(experience.micro_batches(self.cfg.train.micro_batch_size, order))
+            # After a skipped (non-finite) micro-batch that mini-batch's weights are no longer exact
+            # (its divisor still counts the skipped tokens): a rare event, left as is.
+            for micro, norm in zip(micros, self.loss_norms(micros)):
+                loss, parts = self.loss(micro, norm, **loss_args)
                 if not self.step_unless_any_rank_nonfinite(loss, iteration):
                     skipped += 1
                     continue
@@ -71,10 +82,30 @@ class TrainedRole(ResidentRole):
                 stats[key].extend(values)
             if self.early_stop(epoch_stats):
                 break
-        summary = {key: sum(v) / len(v) for key, v in stats.items()}
+        summary = {key: combine(key, v) for key, v in stats.items()}
         summary[f"{self.name}/epochs"] = float(epochs_run)
         summary[f"{self.name}/skipped_steps"] = float(skipped)
+        summary[f"{self.name}/lr"] = float(self.engine.get_lr()[0])
         return summary
+
+    def loss_norms(self, micros: list[Experience]) -> list[LossNorm]:
+        """Each micro-batch's mini-batch divisors, summed over ranks (see algo/loss_norm.py)."""
+        return mini_batch_norms([m.sequences.action_mask for m in micros], self.engine.gradient_accumulation_steps(),
+                                self.world_size, float(self.cfg.rollout.max_new_tokens), self.all_reduce_sum)
+
+    @torch.no_grad()
+    def advantages(self, batch: AdvantageBatch) -> Advantages:
+        """ADVANTAGE on this rank's rows (whole groups), on its device; whitening is batch-global
+        through an all-reduce of sums over this role's ranks. Needs no weights resident."""
+        out = estimate(batch.to(self.device), self.cfg.algo, self.cfg.train.samples_per_prompt, self.all_reduce_sum)
+        return Advantages(out.advantages.cpu(), None if out.returns is None else out.returns.cpu())
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over this role's ranks (a sync point); a copy on the role's device."""
+        tensor = tensor.to(self.device, copy=True)
+        if self.world_size > 1:
+            torch_dist.all_reduce(tensor)
+        return tensor
 
     def step_unless_any_rank_nonfinite(self, loss: Tensor, iteration: int) -> bool:
         """Backward + step, unless the loss is non-finite on ANY rank: then every rank skips it.
