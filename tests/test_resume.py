@@ -26,7 +26,7 @@ from hybrid_ppo.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
 from hybrid_ppo.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-NOT_COMPARED = ("time/", "memory/", "rollout/tokens_per_s")
+NOT_COMPARED = ("time/", "memory/", "rollout/tokens_per_s", "estimator")  # estimator: a tag on every line
 SMALL = ["warmup.steps=20", "data.eval_size=16", "logging.tensorboard=false"]
 LOCAL = ["placement.executor=local", "placement.num_gpus=1"]
 
