@@ -108,8 +108,9 @@ def test_verdict_and_the_largest_settings_that_fit(small_model):
 
 def test_phases_and_roles_come_from_the_plan_and_placement(small_model):
     plan = estimate(_cfg(small_model), roles=["actor", "reference", "rollout"])  # a critic-free run
-    assert list(plan.phases) == [p.value for p in PHASE_PLAN] and "critic" not in plan.states
-    assert "critic" not in plan.phases["train_critic"].roles
+    assert "critic" not in plan.states  # and no critic phases: the plan is the roles' (memory/plan.py)
+    assert list(plan.phases) == [p.value for p in PHASE_PLAN if p.value not in ("score_critic", "train_critic",
+                                                                                  "save_critic")]
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -119,7 +120,9 @@ def test_plan_every_preset(preset, capsys):
     assert "estimated memory per GPU by phase" in out and "fits: peak" in out
     assert main(["plan", str(CONFIGS / preset), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["fits"] and set(result["phases"]) == {p.value for p in PHASE_PLAN}
+    from hybrid_ppo.launch import memory_plan
+
+    assert result["fits"] and set(result["phases"]) == {p.value for p in memory_plan(load_config(CONFIGS / preset))}
     if "8gpu" in preset:  # the issue's goal: 7B on 8 x 80 GB with the engine at >= 0.8 of each GPU
         assert result["max_gpu_memory_utilization"] >= 0.8
         assert load_config(CONFIGS / preset).rollout.gpu_memory_utilization >= 0.8

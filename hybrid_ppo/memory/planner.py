@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from hybrid_ppo.config import Config, DType, EngineKind, ExecutorKind
-from hybrid_ppo.memory.plan import PHASE_PLAN, Phase, Residency, Role, State, resident, resident_everything
+from hybrid_ppo.memory.plan import Phase, Residency, Role, State, phase_plan, resident, resident_everything
 from hybrid_ppo.memory.shapes import ModelKind, ModelShape, model_shape
 
 GIB = 1 << 30
@@ -311,7 +311,7 @@ def estimate(cfg: Config, roles: Iterable[str] | None = None) -> MemoryPlan:
     present = [Role(r) for r in (roles if roles is not None else make_plan(cfg).roles)]
     specs = role_model_specs(cfg)
     shapes = {role: model_shape(specs[role], ROLE_MODEL_KIND[role]) for role in present}
-    plan = PHASE_PLAN if cfg.memory.offload else resident_everything()
+    plan = phase_plan(present) if cfg.memory.offload else resident_everything(present)  # the run's phases only
     setting = Setting.of(cfg, present)
     result = _estimate(plan, shapes, setting, int(cfg.placement.host_memory_gib * GIB))
     result.max_micro_batch_size = _largest_micro_batch(cfg, plan, shapes, setting, result.host_bytes)
