@@ -30,6 +30,7 @@ class ConfigError(ValueError):
     """A bad config value: the message names the key, the value given and what is allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str):
+        value = value.value if isinstance(value, Enum) else value  # 'k1', not <KLEstimator.K1: 'k1'>
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"config key '{key}': got {value!r}; allowed: {allowed}")
 

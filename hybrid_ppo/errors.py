@@ -72,5 +72,7 @@ def _exit_code(err: BaseException, config_error: type, interrupted: type) -> int
 
 def _text(err: BaseException) -> str:
     """The exception's message on one line (placement errors list one problem per line)."""
-    text = str(err) or type(err).__name__
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    lines = [line.strip() for line in (str(err) or type(err).__name__).splitlines() if line.strip()]
+    # A heading line ("infeasible placement plan:") runs on into its list; list items take "; ".
+    return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith(":") else "; ")
+                   for i, line in enumerate(lines))

@@ -48,6 +48,6 @@ def test_a_stop_is_no_failure_and_exits_with_the_signal_code():
 
 def test_multi_line_messages_become_one_line_and_bugs_say_so():
     message, code = one_line(PlacementError("infeasible placement plan:\n  bundle 0: 1.2 GPU\n  bundle 1: 1.2 GPU"))
-    assert message == "infeasible placement plan:; bundle 0: 1.2 GPU; bundle 1: 1.2 GPU" and code == 2
+    assert message == "infeasible placement plan: bundle 0: 1.2 GPU; bundle 1: 1.2 GPU" and code == 2
     message, code = one_line(KeyError("oops"))
     assert message.startswith("internal error, please report it: KeyError") and code == 1
