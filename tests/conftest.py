@@ -5,6 +5,7 @@ the stock-chat-model checkpoints of `model_fixtures.py`, each built once per ses
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# One cache per venv: an op's build files name the venv's torch headers, so .venv and .venv-vllm
+# sharing a cache would rebuild each other's ops (and a build killed midway leaves a lock behind).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions" / Path(sys.prefix).name))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
