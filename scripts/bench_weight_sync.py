@@ -4,8 +4,9 @@
                                         [--syncs 5] [--slots 1] [--bucket-mb 512] [--zero 2] [--json PATH]
 
 A Llama of about `--params` parameters is built in code (random weights), the actor (DeepSpeed,
-2 ranks) and the engines (2, TP=1) are spawned as in training, and `PPOTrainer.sync_weights`
-runs `--syncs` times after one warm-up sync. Printed as a table and written as JSON:
+2 ranks) and the engines (2, TP=1) are spawned as in training, and the SYNC
+(`rollout/sync_driver.sync_weights`) runs `--syncs` times after one warm-up sync. Printed as a
+table and written as JSON:
 
 * `seconds_median`: wall seconds per sync; `gbps`: model bytes x engines / seconds (GB/s of
   weights delivered to all engines).
@@ -18,8 +19,8 @@ runs `--syncs` times after one warm-up sync. Printed as a table and written as J
   vLLM engine-core and worker processes included) during the measured syncs, minus its level
   just before them; sampled every 2 ms by a thread inside the engine process.
 
-It calls only `PPOTrainer.sync_weights` and the executor, so the same script measures an older
-checkout (PYTHONPATH=that checkout) for a before/after comparison.
+It calls only the sync and the executor (an older checkout's `PPOTrainer.sync_weights`), so the
+same script measures an older checkout (PYTHONPATH=that checkout) for a before/after comparison.
 
 Goals on CPU at 100M parameters: gbps >= 25 % of memcpy_gbps, engine peak extra <= 2 buckets,
 driver bytes = control only. The arithmetic for 7B bf16 on 8xH100 is in
@@ -169,7 +170,6 @@ def run(args) -> dict:
     from hybrid_ppo.ray_executor import RayExecutor
     from hybrid_ppo.roles.actor import Actor
     from hybrid_ppo.rollout.worker import RolloutWorker
-    from hybrid_ppo.trainer import PPOTrainer, RoleGroups
 
     workdir = Path(tempfile.mkdtemp(prefix="hppo_bench", dir="/tmp"))  # short: Ray socket paths live under it
     try:
@@ -196,17 +196,14 @@ def run(args) -> dict:
             rollout = executor.spawn("rollout", RolloutWorker, str(workdir / "model"))
             actor = executor.spawn("actor", Actor, str(workdir / "model"))
             counter = {"bytes": 0}
-            roles = RoleGroups(actor=_counting_group(actor, counter), critic=None, reference=None,
-                               rollout=_counting_group(rollout, counter), reward=None)
-            trainer = PPOTrainer(cfg, roles, None, None, None, None, None)
-            trainer._metrics = {}
-            trainer.sync_weights()  # warm-up: first-touch of every buffer and parameter
+            sync = sync_function(cfg, _counting_group(actor, counter), _counting_group(rollout, counter))
+            sync()  # warm-up: first-touch of every buffer and parameter
             counter["bytes"] = 0
             ray.get([h.__ray_call__.remote(_start_sampler) for h in rollout.members])
             seconds = []
             for _ in range(args.syncs):
                 start = time.perf_counter()
-                trainer.sync_weights()
+                sync()
                 seconds.append(time.perf_counter() - start)
             extra = ray.get([h.__ray_call__.remote(_stop_sampler) for h in rollout.members])
         finally:
@@ -223,6 +220,22 @@ def run(args) -> dict:
             "memcpy_gbps": memcpy, "gbps_vs_memcpy": gbps / memcpy,
             "driver_bytes": counter["bytes"] // args.syncs, "engine_peak_extra_bytes": max(extra),
             "engine_peak_extra_buckets": max(extra) / (args.bucket_mb << 20)}
+
+
+def sync_function(cfg, actor, rollout):
+    """The SYNC under test: `sync_driver.sync_weights`, or, in a checkout from before it existed
+    (a before/after comparison), that checkout's `PPOTrainer.sync_weights`."""
+    try:
+        from hybrid_ppo.rollout.sync_driver import sync_weights
+    except ImportError:
+        from hybrid_ppo.trainer import PPOTrainer, RoleGroups
+
+        roles = RoleGroups(actor=actor, critic=None, reference=None, rollout=rollout, reward=None)
+        trainer = PPOTrainer(cfg, roles, None, None, None, None, None)
+        trainer._metrics = {}
+        return trainer.sync_weights
+    r = cfg.rollout
+    return lambda: sync_weights(actor, rollout, r.tensor_parallel_size, slots=r.weight_sync_slots)
 
 
 def print_table(result: dict) -> None:
