@@ -45,3 +45,16 @@ def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The builtin tiny Llama (random init, seed 0) with its tokenizer, as a local HF directory."""
+    from hybrid_ppo.tasks.tiny_model import build_tiny_llama
+    from hybrid_ppo.tasks.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    build_tiny_llama(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

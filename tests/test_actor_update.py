@@ -20,25 +20,13 @@ from hybrid_ppo.roles.deepspeed_engine import lr_factor
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from hybrid_ppo.tasks.tiny_model import build_tiny_llama
-    from hybrid_ppo.tasks.tokenizer import build_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tokenizer()
-    build_tiny_llama(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def _actor(model_dir: str, overrides: list[str]):
+def _actor(tiny_model_dir: str, overrides: list[str]):
     from hybrid_ppo.roles.actor import Actor
 
     cfg = load_config(None, ["placement.executor=local", "placement.num_gpus=1", "rollout.max_new_tokens=4",
                              "train.rollout_batch_size=8", "train.mini_batch_size=8", "train.ppo_epochs=1",
                              "train.weight_decay=0", "train.max_grad_norm=1e9", *overrides])
-    return Actor(cfg, DistInfo(0, 1, LOCALHOST, free_port()), model_dir)
+    return Actor(cfg, DistInfo(0, 1, LOCALHOST, free_port()), tiny_model_dir)
 
 
 def _experience(seed: int = 0) -> Experience:
@@ -55,8 +43,8 @@ def _experience(seed: int = 0) -> Experience:
     return Experience.build(seq, old_logprobs=old, ref_logprobs=old, rewards=torch.zeros(8, 4), advantages=adv)
 
 
-def _update(model_dir: str, micro: int, agg: str) -> torch.Tensor:
-    actor = _actor(model_dir, [f"train.micro_batch_size={micro}", f"algo.loss_agg={agg}", "train.actor_lr=100",
+def _update(tiny_model_dir: str, micro: int, agg: str) -> torch.Tensor:
+    actor = _actor(tiny_model_dir, [f"train.micro_batch_size={micro}", f"algo.loss_agg={agg}", "train.actor_lr=100",
                                "train.adam_eps=1000", "algo.kl_coef=0"])
     before = torch.cat([p.detach().flatten().clone() for p in actor.engine.module.parameters()])
     actor.train(_experience(), iteration=0)
@@ -64,19 +52,19 @@ def _update(model_dir: str, micro: int, agg: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum_norm"])
-def test_one_micro_batch_equals_four(model_dir, agg):
-    one, four = _update(model_dir, 8, agg), _update(model_dir, 2, agg)
+def test_one_micro_batch_equals_four(tiny_model_dir, agg):
+    one, four = _update(tiny_model_dir, 8, agg), _update(tiny_model_dir, 2, agg)
     scale = float(one.abs().max())
     assert scale > 1e-6  # the step did something
     torch.testing.assert_close(four, one, rtol=1e-4, atol=1e-4 * scale)
 
 
-def test_lr_schedule_factors_and_the_engine_follows_it(model_dir):
+def test_lr_schedule_factors_and_the_engine_follows_it(tiny_model_dir):
     assert [lr_factor(LRSchedule.CONSTANT, 2, 10, s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert [round(lr_factor(LRSchedule.LINEAR, 2, 10, s), 6) for s in (2, 6, 10)] == [1.0, 0.5, 0.0]
     assert [round(lr_factor(LRSchedule.COSINE, 0, 4, s), 6) for s in (0, 2, 4)] == [1.0, 0.5, 0.0]
     # 8 samples / mini 4 = 2 optimizer steps per train() call; 3 iterations = 6 steps in all.
-    actor = _actor(model_dir, ["train.micro_batch_size=4", "train.mini_batch_size=4", "train.iterations=3",
+    actor = _actor(tiny_model_dir, ["train.micro_batch_size=4", "train.mini_batch_size=4", "train.iterations=3",
                                "train.lr_schedule=linear", "train.lr_warmup_steps=2", "train.actor_lr=0.01",
                                "train.adam_beta1=0.8", "train.adam_beta2=0.95", "train.adam_eps=1e-6"])
     group = actor.engine.optimizer.param_groups[0]
@@ -87,7 +75,7 @@ def test_lr_schedule_factors_and_the_engine_follows_it(model_dir):
     assert lrs[0] > lrs[1] > lrs[2] == 0.0
 
 
-def test_ptx_lowers_the_lm_loss_on_pretraining_text(model_dir, tmp_path):
+def test_ptx_lowers_the_lm_loss_on_pretraining_text(tiny_model_dir, tmp_path):
     from hybrid_ppo.ptx import lm_loss
 
     texts = ["max 1 2 3 = 3", "7 7 7 7 7 7 7 7", "max 9 0 0 = 9", "1 2 3 4 5 6 7 8 9"]
@@ -95,12 +83,12 @@ def test_ptx_lowers_the_lm_loss_on_pretraining_text(model_dir, tmp_path):
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
 
     def lm_after(ptx_coef: float) -> tuple[float, float]:
-        actor = _actor(model_dir, ["train.micro_batch_size=4", "train.mini_batch_size=4", "train.actor_lr=0.01",
+        actor = _actor(tiny_model_dir, ["train.micro_batch_size=4", "train.mini_batch_size=4", "train.actor_lr=0.01",
                                    f"algo.ptx_coef={ptx_coef}", f"data.pretrain={data}"])
         from transformers import AutoTokenizer
         from hybrid_ppo.ptx import PTXBatches
 
-        probe = next(PTXBatches(texts, AutoTokenizer.from_pretrained(model_dir), 4, 16, seed=0))
+        probe = next(PTXBatches(texts, AutoTokenizer.from_pretrained(tiny_model_dir), 4, 16, seed=0))
         with torch.no_grad():
             start = float(lm_loss(actor.engine, *probe))
         stats = [actor.train(_experience(i), iteration=i) for i in range(4)]

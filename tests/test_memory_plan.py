@@ -82,18 +82,6 @@ def test_no_offload_plan_keeps_everything():
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from hybrid_ppo.tasks.tiny_model import build_tiny_llama
-    from hybrid_ppo.tasks.tokenizer import build_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tokenizer()
-    build_tiny_llama(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def local_roles(tiny_model_dir):
     from hybrid_ppo.executor import LocalExecutor
     from hybrid_ppo.launch import build_roles
