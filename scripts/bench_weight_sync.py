@@ -5,19 +5,23 @@
 
 A Llama of about `--params` parameters is built in code (random weights), the actor (DeepSpeed,
 2 ranks) and the engines (2, TP=1) are spawned as in training, and the SYNC
-(`rollout/sync_driver.sync_weights`) runs `--syncs` times after one warm-up sync. Printed as a
-table and written as JSON:
+(`rollout/sync_driver.sync_weights`) runs `--syncs` times after one warm-up sync, then
+`--syncs` times more while traffic and memory are measured. Printed as a table and written as
+JSON:
 
-* `seconds_median`: wall seconds per sync; `gbps`: model bytes x engines / seconds (GB/s of
-  weights delivered to all engines).
-* `memcpy_gbps`: single-threaded `torch` copy bandwidth of this machine, measured in this run:
-  the scale for `gbps` (`gbps_vs_memcpy`).
+* `seconds_median`: wall seconds per sync, from the first, unmeasured round; `gbps`: model bytes
+  x engines / seconds (GB/s of weights delivered to all engines).
+  `seconds_while_measuring_median` is the second round, slowed by the measuring.
+* `memcpy_gbps`: single-threaded `torch` copy bandwidth of this machine, measured in this run
+  (the best of 9): the scale for `gbps` (`gbps_vs_memcpy`).
 * `driver_bytes`: measured, per sync. Every role call the sync makes goes through a counting
   wrapper that adds the pickled size of the arguments the driver sends and of the results it
   receives. Only control messages should be left.
 * `engine_peak_extra_bytes`: the highest resident memory of an engine's process tree (its
   vLLM engine-core and worker processes included) during the measured syncs, minus its level
   just before them; sampled every 2 ms by a thread inside the engine process.
+* `staging_bytes_per_rank`: an actor rank's staging buffers (slots x the largest bucket). On
+  CPU they stay between syncs (rollout/weight_sync.py: `BucketStager`).
 
 It calls only the sync and the executor (an older checkout's `PPOTrainer.sync_weights`), so the
 same script measures an older checkout (PYTHONPATH=that checkout) for a before/after comparison.
@@ -69,8 +73,15 @@ def llama_config(params: int, dtype: str):
                        pad_token_id=0, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
 
 
-def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
-    """Single-threaded torch copy bandwidth (bytes copied / second), this process."""
+def _timed(sync) -> float:
+    start = time.perf_counter()
+    sync()
+    return time.perf_counter() - start
+
+
+def memcpy_gbps(nbytes: int, repeats: int = 9) -> float:
+    """Single-threaded torch copy bandwidth (bytes copied / second), this process: the best of
+    `repeats`, since the scale should be what the machine can do (a lower one would flatter)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -82,9 +93,20 @@ def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
             start = time.perf_counter()
             dst.copy_(src)
             times.append(time.perf_counter() - start)
-        return nbytes / statistics.median(times) / 1e9
+        return nbytes / min(times) / 1e9
     finally:
         torch.set_num_threads(threads)
+
+
+def staging_bytes(model, bucket_bytes: int, slots: int) -> int:
+    """What an actor rank's staging buffers hold: `slots` x the largest bucket of the plan."""
+    try:
+        from hybrid_ppo.rollout.weight_sync import bucket_plan
+    except ImportError:  # an older checkout: no buckets of whole layers, no staging buffers
+        return 0
+    named = list(model.named_parameters())
+    sizes = [p.numel() * p.element_size() for _, p in named]
+    return slots * max(sum(sizes[i] for i in b) for b in bucket_plan([n for n, _ in named], sizes, bucket_bytes))
 
 
 # -- measuring the driver's traffic -----------------------------------------------------------------
@@ -179,6 +201,7 @@ def run(args) -> dict:
         model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32).save_pretrained(workdir / "model")
         params = sum(p.numel() for p in model.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        staging = staging_bytes(model, args.bucket_mb << 20, args.slots)
         del model
 
         overrides = ["placement.num_gpus=2", f"model.dtype={args.dtype}", f"rollout.engine={args.engine}",
@@ -195,16 +218,15 @@ def run(args) -> dict:
         try:
             rollout = executor.spawn("rollout", RolloutWorker, str(workdir / "model"))
             actor = executor.spawn("actor", Actor, str(workdir / "model"))
-            counter = {"bytes": 0}
-            sync = sync_function(cfg, _counting_group(actor, counter), _counting_group(rollout, counter))
+            sync = sync_function(cfg, actor, rollout)
             sync()  # warm-up: first-touch of every buffer and parameter
-            counter["bytes"] = 0
+            seconds = [_timed(sync) for _ in range(args.syncs)]
+            # Traffic and memory on as many syncs again: the 2 ms sampler and the pickling that
+            # counts bytes take CPU from the sync itself, which on 2 cores would skew its time.
+            counter = {"bytes": 0}
+            counted = sync_function(cfg, _counting_group(actor, counter), _counting_group(rollout, counter))
             ray.get([h.__ray_call__.remote(_start_sampler) for h in rollout.members])
-            seconds = []
-            for _ in range(args.syncs):
-                start = time.perf_counter()
-                sync()
-                seconds.append(time.perf_counter() - start)
+            seconds_measured = [_timed(counted) for _ in range(args.syncs)]
             extra = ray.get([h.__ray_call__.remote(_stop_sampler) for h in rollout.members])
         finally:
             executor.shutdown()
@@ -216,7 +238,8 @@ def run(args) -> dict:
     gbps = model_bytes * rollout.world_size / median / 1e9
     return {"params": params, "dtype": args.dtype, "engine": args.engine, "engines": rollout.world_size,
             "zero_stage": args.zero, "slots": args.slots, "syncs": args.syncs, "model_bytes": model_bytes,
-            "bucket_bytes": args.bucket_mb << 20, "seconds_median": median, "seconds": seconds, "gbps": gbps,
+            "bucket_bytes": args.bucket_mb << 20, "staging_bytes_per_rank": staging, "seconds_median": median,
+            "seconds": seconds, "seconds_while_measuring_median": statistics.median(seconds_measured), "gbps": gbps,
             "memcpy_gbps": memcpy, "gbps_vs_memcpy": gbps / memcpy,
             "driver_bytes": counter["bytes"] // args.syncs, "engine_peak_extra_bytes": max(extra),
             "engine_peak_extra_buckets": max(extra) / (args.bucket_mb << 20)}
@@ -249,7 +272,9 @@ def print_table(result: dict) -> None:
             ("delivered / memcpy", f"{100 * result['gbps_vs_memcpy']:.0f} %"),
             ("driver bytes per sync", f"{result['driver_bytes']:,}"),
             ("engine peak extra", f"{result['engine_peak_extra_bytes'] / 2**20:.1f} MiB "
-                                  f"({result['engine_peak_extra_buckets']:.2f} buckets)")]
+                                  f"({result['engine_peak_extra_buckets']:.2f} buckets)"),
+            ("actor staging buffers per rank", f"{result['staging_bytes_per_rank'] / 2**20:.1f} MiB"),
+            ("s/sync while measuring memory", f"{result['seconds_while_measuring_median']:.3f}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 

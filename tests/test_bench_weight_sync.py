@@ -11,7 +11,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_weight_sync.py"
 KEYS = {"model_bytes", "bucket_bytes", "seconds_median", "gbps", "memcpy_gbps", "driver_bytes",
-        "engine_peak_extra_bytes"}
+        "engine_peak_extra_bytes", "staging_bytes_per_rank"}
 
 
 @pytest.mark.slow
@@ -22,6 +22,7 @@ def test_bench_weight_sync_writes_its_json(tmp_path):
     result = json.loads((tmp_path / "sync.json").read_text())
     assert KEYS <= result.keys(), KEYS - result.keys()
     assert result["seconds_median"] > 0 and result["gbps"] > 0 and result["memcpy_gbps"] > 0
+    assert result["bucket_bytes"] <= result["staging_bytes_per_rank"] < result["model_bytes"]
     # Only handles and names cross the driver: far less than the weights themselves.
     assert 0 < result["driver_bytes"] < result["model_bytes"] / 10
     assert "delivered / memcpy" in out.stdout

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -23,8 +24,8 @@ from hybrid_ppo.config import load_config
 from hybrid_ppo.rollout.engine import SamplingParams
 from hybrid_ppo.rollout.hf_engine import HFEngine
 from hybrid_ppo.rollout.sync_driver import sync_weights
-from hybrid_ppo.rollout.weight_sync import (BucketHandle, BucketStager, WeightSyncError, bucket_plan, layer_key, leftover_segments,
-                                            opened_bucket)
+from hybrid_ppo.rollout.weight_sync import (BucketHandle, BucketStager, OpenedBuffers, WeightSyncError, bucket_plan, layer_key,
+                                            opened_bucket, staging_mappings)
 from hybrid_ppo.rollout.worker import RolloutWorker
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
@@ -50,21 +51,46 @@ def test_buckets_hold_whole_layers_in_order():
 
 
 def test_shared_memory_round_trip_casts_and_cleans_up():
-    before = leftover_segments()
     named = [("a", torch.randn(3, 5)), ("b", torch.randn(7))]
     stager = BucketStager(torch.device("cpu"), torch.bfloat16, capacity_numel=32, slots=2)
     handles = [stager.stage(k, named) for k in range(2)]
-    assert handles[0].location != handles[1].location  # two slots, two segments
-    assert len(leftover_segments()) == len(before) + 2
+    assert handles[0].buffer != handles[1].buffer  # two slots, two buffers
+    assert staging_mappings()[os.getpid()] == {handles[0].buffer, handles[1].buffer}
     with opened_bucket(handles[1]) as opened:
         for (name, tensor), (got_name, got) in zip(named, opened):
             assert got_name == name and got.dtype == torch.bfloat16
             assert torch.equal(got, tensor.to(torch.bfloat16))
+    del opened, got  # views keep a mapping alive
     stager.close()
-    assert leftover_segments() == before
-    with pytest.raises(FileNotFoundError, match="segment .* is gone"):
+    assert os.getpid() not in staging_mappings()
+    with pytest.raises(FileNotFoundError, match="staging buffer .* is gone"):
         with opened_bucket(handles[0]):
             pass
+    reused = os.memfd_create("not-a-staging-buffer")  # takes the closed buffer's descriptor number
+    try:
+        assert handles[0].location.endswith(f"/fd/{reused}")
+        with pytest.raises(FileNotFoundError, match="staging buffer .* is gone"):
+            with opened_bucket(handles[0]):
+                pass
+    finally:
+        os.close(reused)
+
+
+def test_engine_opens_a_buffer_once_and_reads_every_bucket_staged_in_it():
+    stager = BucketStager(torch.device("cpu"), torch.float32, capacity_numel=64, slots=1)
+    opened = OpenedBuffers()
+    try:
+        for k, size in enumerate((40, 64, 7)):  # the buffer's bytes change under one mapping
+            named = [("w", torch.randn(size))]
+            with opened.bucket(stager.stage(k, named)) as got:
+                assert torch.equal(got[0][1], named[0][1])
+        assert len(opened._flat) == 1
+        del got
+        opened.close()
+        buffer = stager.stage(0, named).buffer
+        assert Path("/proc/self/maps").read_text().count(buffer) == 1  # the stager's mapping; the engine's is gone
+    finally:
+        stager.close()
 
 
 # -- the whole protocol under Ray -------------------------------------------------------------------
@@ -135,7 +161,6 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
     path, prompts = checkpoint
     cache = tempfile.mkdtemp(prefix="hppo", dir="/tmp")
     cfg = _config(cache, zero_stage, f"rollout.engine={engine}", "rollout.enforce_eager=true")
-    shm_before = leftover_segments()
     executor = RayExecutor(cfg).start()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module
     try:
@@ -144,7 +169,8 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
 
         stats = sync_weights(actor, rollout, 1, bucket_bytes=BUCKET_BYTES)
         assert stats.buckets >= 3 and stats.bytes_per_engine % BUCKET_BYTES != 0
-        assert leftover_segments() == shm_before
+        actor_pids = set(ray.get([h.__ray_call__.remote(_pid) for h in actor.members]))
+        assert set(staging_mappings()) == actor_pids  # the engines closed them; the actor ranks keep them
         initial = _greedy_from_actor(actor, path, prompts, str(tmp_path / "initial"))
         for got in _engines_greedy(rollout, prompts):
             assert torch.equal(got, initial)
@@ -172,11 +198,12 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
             with pytest.raises(WeightSyncError, match=died):
                 sync_weights(actor, dying, 1, bucket_bytes=BUCKET_BYTES, timeout_s=60)
             assert time.monotonic() - start < 60
-        assert leftover_segments() == shm_before
+        assert set(staging_mappings()) == actor_pids
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         executor.shutdown()
         shutil.rmtree(cache, ignore_errors=True)
+    assert staging_mappings() == {}  # gone with the processes that held them
 
 
 def _restore(actor_instance, state: dict[str, torch.Tensor]) -> None:
@@ -184,6 +211,10 @@ def _restore(actor_instance, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, param in actor_instance.engine.module.named_parameters():
             param.copy_(state[name])
+
+
+def _pid(_instance) -> int:
+    return os.getpid()
 
 
 def _restore_all(actor, state) -> None:

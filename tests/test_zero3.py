@@ -31,7 +31,7 @@ def _sequences() -> Sequences:
 
 def _staged_weights(actor, bucket_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Every bucket the actor stages for a sync, read back from shared memory as an engine would."""
-    count, _ = actor.call("begin_weight_sync", bucket_bytes)[0]
+    count = actor.call("begin_weight_sync", bucket_bytes)[0]
     weights: dict[str, torch.Tensor] = {}
     try:
         for k in range(count):

@@ -78,6 +78,7 @@ class Setting:
     utilization: float
     sleep_level: int
     sync_bucket: int
+    sync_slots: int
     engine_batch: int  # sequences one rollout engine generates at once
 
     @classmethod
@@ -90,6 +91,7 @@ class Setting:
                    engine=cfg.rollout.engine, tp=cfg.rollout.tensor_parallel_size,
                    gpu_bytes=int(cfg.placement.gpu_memory_gib * GIB), utilization=cfg.rollout.gpu_memory_utilization,
                    sleep_level=cfg.rollout.sleep_level, sync_bucket=cfg.rollout.weight_sync_bucket_mb << 20,
+                   sync_slots=cfg.rollout.weight_sync_slots,
                    engine_batch=math.ceil(cfg.train.samples_per_iteration / (ranks // min(cfg.rollout.tensor_parallel_size, ranks))))
 
     @property
@@ -193,9 +195,11 @@ def working_bytes(phase: Phase, role: Role, m: ModelShape, s: Setting,
         # vLLM: weights + KV cache + these activations = gpu_memory_utilization x the GPU (state_bytes)
         terms["activations"] = generate_activation_bytes(m, s)
     elif role == Role.ACTOR and plan_phase.get(role) == plan_phase.get(Role.ROLLOUT) == frozenset({State.WEIGHTS}):
-        bucket = min(s.sync_bucket, m.params * s.w)
-        # actor.export_weights: a packed flat copy of each bucket, and under ZeRO-3 the gathered bucket too
-        terms["sync_buckets"] = bucket * (2 if s.zero_stage == 3 and s.ranks > 1 else 1)
+        # The largest bucket: whole layers up to the bucket size, or one unit bigger than it (often
+        # the embedding). `slots` staging buffers of it (rollout/weight_sync.py), and under ZeRO-3
+        # the gathered bucket they are copied from.
+        bucket = max(min(s.sync_bucket, m.params * s.w), m.largest_block * s.w)
+        terms["sync_buckets"] = bucket * (s.sync_slots + (1 if s.zero_stage == 3 and s.ranks > 1 else 0))
     return {k: v for k, v in terms.items() if v}
 
 

@@ -24,7 +24,8 @@ class Actor(TrainedRole):
 
     def __init__(self, cfg: Config, dist, model_path: str):
         self.model_path = model_path
-        self._sync: tuple[list, BucketStager] | None = None  # buckets and buffers of the sync in progress
+        self._buckets: list[list[tuple[str, Tensor]]] | None = None  # the sync in progress, bucket by bucket
+        self._stager: BucketStager | None = None  # its staging buffers
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
         self.ptx = self._ptx_batches() if cfg.algo.ptx_coef > 0 else None
 
@@ -85,38 +86,42 @@ class Actor(TrainedRole):
         return self.mean_across_ranks(sum(kls) / max(len(kls), 1)) > target  # every step skipped: 0
 
     # -- SYNC: the actor side of rollout/weight_sync.py's protocol ----------------------------
-    def begin_weight_sync(self, bucket_bytes: int | None = None, slots: int = 1) -> tuple[int, list[str]]:
-        """Plan this sync's buckets (whole layers, in the rollout dtype) and allocate `slots`
-        staging buffers of the largest bucket. Every rank plans the same buckets. Returns their
-        count and the shared-memory segments made (none on CUDA), so the driver can remove them
-        should this rank die before `end_weight_sync`."""
+    def begin_weight_sync(self, bucket_bytes: int | None = None, slots: int = 1) -> int:
+        """Plan this sync's buckets (whole layers, in the rollout dtype) and make sure there are
+        `slots` staging buffers of the largest bucket (on CPU the last sync's are reused: see
+        `BucketStager`). Every rank plans the same buckets; returns their count."""
         named = list(self.engine.module.named_parameters())
         dtype = torch_dtype(self.cfg.model.dtype)  # the engines are built in this dtype
-        element = torch.empty(0, dtype=dtype).element_size()
         bucket_bytes = bucket_bytes or self.cfg.rollout.weight_sync_bucket_mb << 20
-        plan = bucket_plan([n for n, _ in named], [full_numel(p) * element for _, p in named], bucket_bytes)
+        plan = bucket_plan([n for n, _ in named], [full_numel(p) * dtype.itemsize for _, p in named], bucket_bytes)
         capacity = max(sum(full_numel(named[i][1]) for i in bucket) for bucket in plan)
         self.end_weight_sync()  # a previous sync that failed half-way leaves nothing behind
-        stager = BucketStager(self.device, dtype, capacity, slots)
-        self._sync = ([[named[i] for i in bucket] for bucket in plan], stager)
-        return len(plan), stager.segments
+        if self._stager is None or not self._stager.fits(self.device, dtype, capacity, slots):
+            self._close_stager()
+            self._stager = BucketStager(self.device, dtype, capacity, slots)
+        self._buckets = [[named[i] for i in bucket] for bucket in plan]
+        return len(plan)
 
     def stage_bucket(self, index: int) -> BucketHandle:
         """Bucket `index` in full in this rank's staging buffer; its handle for the engine worker on
         this GPU. Collective under ZeRO-3: every rank gathers the bucket's parameters, copies them
         and releases the gather, so the gather never holds more than one bucket beyond the shard."""
-        if self._sync is None:
+        if self._buckets is None or self._stager is None:
             raise RuntimeError("stage_bucket() before begin_weight_sync()")
-        buckets, stager = self._sync
-        chunk = buckets[index]
+        chunk = self._buckets[index]
         with gathered_parameters(self.engine, [p for _, p in chunk]):
-            return stager.stage(index, chunk)
+            return self._stager.stage(index, chunk)
 
     def end_weight_sync(self) -> None:
-        """Free the staging buffers (on CPU: unlink the shared-memory segments). Idempotent."""
-        sync, self._sync = getattr(self, "_sync", None), None
-        if sync is not None:
-            sync[1].close()
+        """The sync is over: device staging buffers are freed (host ones are kept). Idempotent."""
+        self._buckets = None
+        if self._stager is not None and not self._stager.kept_between_syncs:
+            self._close_stager()
+
+    def _close_stager(self) -> None:
+        stager, self._stager = self._stager, None
+        if stager is not None:
+            stager.close()
 
     def save(self, path: str) -> None:
         """Final HF-format checkpoint (weights + config); collective under ZeRO-3, rank 0 writes."""

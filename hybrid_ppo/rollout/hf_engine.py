@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hybrid_ppo.rollout.engine import Generation, SamplingParams, check_wake_tags, left_pad, pad_responses, response_mask
 from hybrid_ppo.special_tokens import resolve_special_tokens
-from hybrid_ppo.rollout.weight_sync import BucketHandle, opened_bucket, read_bucket_into
+from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers
 
 
 class HFEngine:
@@ -31,6 +31,7 @@ class HFEngine:
         self._host: dict[str, Tensor] = {}  # level-1 sleep keeps weights here
         self._shapes = {name: p.shape for name, p in self._params().items()}
         self._loaded: set[str] = set()  # random init is not a policy: generate() waits for a sync
+        self._buffers = OpenedBuffers(device)  # the actor's staging buffers, open during a sync
 
     def _params(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())
@@ -107,23 +108,14 @@ class HFEngine:
             raise ValueError(f"weight {name!r}: engine shape {tuple(params[name].shape)}, got {tuple(shape)}")
 
     def load_bucket(self, handles: list[BucketHandle]) -> None:
-        """Copy one staged bucket into the parameters (TP=1: one handle); the mapping closes after."""
+        """Copy one staged bucket into the parameters (TP=1: one handle)."""
         if len(handles) != 1:
             raise ValueError(f"HF engine has one worker; got {len(handles)} bucket handles")
-        if "weights" not in self.awake:
-            raise RuntimeError("HF engine: wake_up(['weights']) before load_bucket")
-        handle = handles[0]
-        if handle.transport == "shm" and self.device.type == "cpu":
-            params = self._params()
-            for name, shape in zip(handle.names, handle.shapes):
-                self._check_weight(params, name, shape)
-            read_bucket_into(handle, {name: params[name].data for name in handle.names})
-            self._loaded.update(handle.names)
-            return
-        with opened_bucket(handle, self.device) as named:
+        with self._buffers.bucket(handles[0]) as named:
             self.load_weights(named)
 
     def finish_weight_sync(self) -> None:
+        self._buffers.close()
         missing = set(self._params()) - self._loaded
         if missing:
             raise RuntimeError(f"HF engine: the sync ended without {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")

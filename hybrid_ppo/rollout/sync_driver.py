@@ -4,7 +4,7 @@
     for k in range(n):
         handles = actor.submit("stage_bucket", k)  rank i: bucket k in a buffer on GPU i
         rollout.submit_each("load_bucket", ...)    engine worker on GPU i opens handle i: the barrier
-    actor.call("end_weight_sync")                  buffers freed, also after a failure
+    actor.call("end_weight_sync")                  also after a failure
 
 With two slots the driver stages bucket k+1 while the engines load bucket k (the actor and the
 engine are different processes), and waits for both before it stages k+2 into k's slot.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid_ppo.executor import RoleError
-from hybrid_ppo.rollout.weight_sync import BUCKET_TIMEOUT_S, WeightSyncError, remove_segments
+from hybrid_ppo.rollout.weight_sync import BUCKET_TIMEOUT_S, WeightSyncError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,8 @@ def sync_weights(actor, rollout, tensor_parallel_size: int, bucket_bytes: int | 
     Raises `WeightSyncError` naming the engine or actor rank and the bucket.
     """
     start = time.perf_counter()
-    segments: list[str] = []
     try:
-        planned = _result(actor.submit("begin_weight_sync", bucket_bytes, slots), timeout_s, "planning the buckets")
-        count = planned[0][0]
-        segments = [path for _, paths in planned for path in paths]
+        count = _result(actor.submit("begin_weight_sync", bucket_bytes, slots), timeout_s, "planning the buckets")[0]
         staged = actor.submit("stage_bucket", 0)
         nbytes = 0
         for k in range(count):
@@ -68,7 +65,6 @@ def sync_weights(actor, rollout, tensor_parallel_size: int, bucket_bytes: int | 
         return SyncStats(time.perf_counter() - start, nbytes, count)
     finally:
         _end(actor, timeout_s)
-        remove_segments(segments)  # what a dead actor rank could not unlink
 
 
 def _result(pending, timeout_s: float, what: str) -> list[Any]:
@@ -81,8 +77,8 @@ def _result(pending, timeout_s: float, what: str) -> list[Any]:
 
 
 def _end(actor, timeout_s: float) -> None:
-    """Free the staging buffers; a failure here must not hide the one that ended the sync."""
+    """End the sync on the actor ranks; a failure here must not hide the one that ended the sync."""
     try:
         actor.submit("end_weight_sync").result(timeout_s=timeout_s)
-    except Exception as err:  # noqa: BLE001 - remove_segments() still cleans up after a dead rank
-        log.warning("weight sync: freeing the actor's staging buffers failed: %s", err)
+    except Exception as err:  # noqa: BLE001 - a dead rank's buffers went with its process
+        log.warning("weight sync: ending the sync on the actor ranks failed: %s", err)

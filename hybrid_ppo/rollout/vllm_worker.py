@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from hybrid_ppo.rollout.weight_sync import BucketHandle, opened_bucket
+from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers
 
 PARTIAL_RELOAD_SINCE = (0, 32)
 """The oldest vLLM whose in-place reload keeps the layers a call leaves out (checked by tests)."""
@@ -47,11 +47,13 @@ class WeightSyncExtension:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         handle = BucketHandle.from_wire(handles[get_tensor_model_parallel_rank()])
-        with opened_bucket(handle, _cuda_device(self)) as named:
+        if getattr(self, "_hppo_buffers", None) is None:
+            self._hppo_buffers = OpenedBuffers(_cuda_device(self))
+        with self._hppo_buffers.bucket(handle) as named:
             if vllm_version() >= PARTIAL_RELOAD_SINCE:
                 with _quiet_partial_reload():
                     self.reload_weights(weights_iterator=named, is_checkpoint_format=True)
-            else:  # hold a copy: the mapping closes when this call returns
+            else:  # hold a copy: the actor overwrites the buffer once this call returns
                 held = getattr(self, "_hppo_held", [])
                 held.extend((name, tensor.clone()) for name, tensor in named)
                 self._hppo_held = held
@@ -80,7 +82,11 @@ class WeightSyncExtension:
             dispatch_cpu_unquantized_gemm(self.get_model().lm_head, remove_weight=False)
 
     def hppo_finish_sync(self) -> None:
-        """Apply what an older vLLM had to hold (nothing to do when buckets were applied as they came)."""
+        """Close the actor's buffers; apply what an older vLLM had to hold (nothing to do when
+        buckets were applied as they came)."""
+        buffers = getattr(self, "_hppo_buffers", None)
+        if buffers is not None:
+            buffers.close()
         held = getattr(self, "_hppo_held", None)
         if held:
             self.reload_weights(weights_iterator=held, is_checkpoint_format=True)

@@ -10,17 +10,21 @@ worker i on bundle i), and every actor rank holds each bucket in full at some po
 2. The driver gives handle i to the engine worker on GPU i (`RolloutWorker.load_bucket`), which
    opens it, loads the weights and returns. That return is the one barrier per bucket: only
    after it may the actor rank overwrite the buffer with a later bucket.
-3. After the last bucket, the actor ranks unlink their buffers (`Actor.end_weight_sync`), and the
-   driver removes any shared-memory segment still named by a handle (a rank that died before
-   cleaning up), so nothing is left in /dev/shm, also after a failure.
+3. After the last bucket the engines close what they opened (`finish_weight_sync`) and the actor
+   ranks end the sync (`Actor.end_weight_sync`), also after a failure.
 
 Transports, same protocol:
 
 * CUDA: the buffer is a device tensor; the handle carries `reduce_tensor`'s IPC payload, and the
-  engine copies device to device. No host hop.
-* CPU: the buffer is a file in /dev/shm that the actor rank maps (`torch.from_file`). The HF
-  engine reads it straight into its parameters (`read_bucket_into`: no mapping, no extra
-  memory); vLLM's workers map it read-only (`opened_bucket`) for vLLM's loader to copy from.
+  engine copies device to device. No host hop. The buffer is freed after every sync.
+* CPU: the buffer is a memfd the actor rank maps; the engine maps it read-only. It is kept
+  between syncs: `BucketStager` says why, and why that can't leak.
+
+Either way the engine opens each buffer once per sync, on the first bucket staged in it, and keeps
+it open until the sync ends (`OpenedBuffers`). A buffer is reused for every bucket, so opening it
+per bucket would repeat the IPC open (CUDA) or the page-table work (CPU) for nothing. On CPU that
+took the engine's side of a 100M sync from 69 ms to 31-49 ms: a readinto() per bucket, against
+one mapping. scripts/bench_weight_sync.py measures the whole sync.
 
 Buckets are whole decoder layers (`bucket_plan`), so the parts vLLM fuses (q/k/v, gate/up) never
 straddle two buckets and an engine can apply each bucket as it arrives. With `slots=2` the
@@ -31,7 +35,9 @@ On paper, 7B bf16 on 8xH100 (ZeRO-3 actor, 8 engines at TP=1, 512 MiB buckets):
 
 * Weights: 7.0e9 params x 2 B = 14.0 GB. A decoder layer is ~202M params = 405 MB, so buckets
   are one layer each: ~34 buckets (32 layers, embeddings, head). Extra memory per GPU: one
-  405 MB staging buffer (two with rollout.weight_sync_slots=2).
+  staging buffer as big as the largest bucket, 405 MB here (two with
+  rollout.weight_sync_slots=2). A big vocabulary can make it larger: Qwen2.5-7B's embedding
+  (152,064 x 3,584 x 2 B) is a 1.09 GB bucket of its own.
 * Gather: each GPU receives 7/8 of every bucket over NVLink: 14.0 GB x 7/8 = 12.3 GB at a
   conservative 150 GB/s of NCCL all-gather per GPU = 0.08 s. (ZeRO-2: nothing to gather.)
 * Stage: read the gathered layer, write the staging buffer: 2 x 14.0 GB at ~2.5 TB/s of HBM3
@@ -50,10 +56,12 @@ transport itself is exercised by a `gpu` test (tests/test_weight_sync.py).
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import re
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +70,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "hppo-sync-"
-"""Every staging segment is /dev/shm/hppo-sync-<pid>-<slot>-<random>: easy to find and to check."""
+"""Every CPU staging buffer is a memfd named hppo-sync-<pid>-<slot>-<random>: in /proc/<pid>/fd
+and /proc/<pid>/maps as /memfd:hppo-sync-..., easy to find and to check."""
 
 BUCKET_TIMEOUT_S = 600.0
 """One bucket is at most ~1 s of work on a real box: a rank that has not answered in 10 minutes
@@ -121,6 +129,7 @@ class BucketHandle:
     dtype: str  # torch dtype name, e.g. "bfloat16"
     transport: str  # "shm" or "cuda_ipc"
     location: str | bytes  # shm: the segment's path; cuda_ipc: pickled reduce_tensor() payload
+    buffer: str  # the staging buffer's name, unique per sync: the bucket's bytes start at its offset 0
 
     @property
     def numel(self) -> int:
@@ -137,12 +146,12 @@ class BucketHandle:
     def to_wire(self) -> dict[str, Any]:
         """Plain types only, for vLLM's msgpack RPC to its worker processes."""
         return {"index": self.index, "names": list(self.names), "shapes": [list(s) for s in self.shapes],
-                "dtype": self.dtype, "transport": self.transport, "location": self.location}
+                "dtype": self.dtype, "transport": self.transport, "location": self.location, "buffer": self.buffer}
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> BucketHandle:
         return cls(int(wire["index"]), tuple(wire["names"]), tuple(tuple(s) for s in wire["shapes"]),
-                   wire["dtype"], wire["transport"], wire["location"])
+                   wire["dtype"], wire["transport"], wire["location"], wire["buffer"])
 
     def describe(self) -> str:
         """`bucket 3 (model.layers.2.self_attn.q_proj.weight .. model.layers.2.mlp.down_proj.weight, 0.2 MiB)`:
@@ -152,22 +161,47 @@ class BucketHandle:
 
 # -- the actor side -----------------------------------------------------------------------------
 class BucketStager:
-    """One actor rank's staging buffers for one sync: `slots` buffers as big as the largest bucket.
+    """One actor rank's staging buffers: `slots` buffers as big as the largest bucket.
 
     Bucket k goes to slot k % slots; the driver only stages k + slots after the engine acked k.
+
+    Where the buffers live decides how long they live (`kept_between_syncs`):
+
+    * CUDA: device memory, freed after every sync; the next phase needs it. Allocating it again
+      is cheap (torch's caching allocator).
+    * CPU: an anonymous shared-memory file (`memfd_create`), kept for the actor's life. Fresh
+      shared pages are the slow part of a CPU sync: on our 2-core CI VM they fault in at
+      1.1-1.4 GB/s against 19-20 GB/s for a copy into pages already there. A 100M model (whose
+      98 MB embedding makes the buffer) spent ~100 of its ~250 ms per sync allocating and
+      freeing the buffer. Kept, it costs one largest bucket of host memory per actor rank. It has no
+      name in /dev/shm and is never limited by its size (Docker's default is 64 MiB). The kernel
+      frees it with the last process that holds it, so no crash can leak it. Engines reach it as
+      /proc/<actor pid>/fd/<fd>, open it for one sync, and check its name on opening.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int):
-        self.device, self.dtype = device, dtype
-        self._paths: list[Path] = []
+        self.device, self.dtype, self.capacity_numel = device, dtype, capacity_numel
+        token = uuid.uuid4().hex[:8]
+        self._names = [f"{SHM_PREFIX}{os.getpid()}-{slot}-{token}" for slot in range(slots)]
+        self._fds: list[int] = []
         self._buffers: list[Tensor] = []
-        for slot in range(slots):
+        for name in self._names:
             if device.type == "cuda":
                 self._buffers.append(torch.empty(capacity_numel, dtype=dtype, device=device))
             else:
-                path = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-{slot}-{uuid.uuid4().hex[:8]}"
-                self._paths.append(path)  # recorded first: close() unlinks it even if mapping fails
-                self._buffers.append(torch.from_file(str(path), shared=True, size=capacity_numel, dtype=dtype))
+                fd = os.memfd_create(name, os.MFD_CLOEXEC)
+                self._fds.append(fd)  # recorded first: close() closes it even if mapping fails
+                os.ftruncate(fd, capacity_numel * dtype.itemsize)
+                self._buffers.append(torch.frombuffer(mmap.mmap(fd, capacity_numel * dtype.itemsize), dtype=dtype))
+
+    @property
+    def kept_between_syncs(self) -> bool:
+        return self.device.type != "cuda"
+
+    def fits(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int) -> bool:
+        """Whether this stager can serve a sync that needs these buffers (it is reused if so)."""
+        return (bool(self._buffers) and (self.device, self.dtype, len(self._buffers)) == (device, dtype, slots)
+                and capacity_numel <= self.capacity_numel)
 
     def stage(self, index: int, named: Sequence[tuple[str, Tensor]]) -> BucketHandle:
         """Copy (and cast) `named` full tensors into slot index % slots; return its handle."""
@@ -181,21 +215,16 @@ class BucketStager:
             torch.cuda.current_stream().synchronize()  # the engine reads on another stream/process
             location: str | bytes = _cuda_ipc_payload(buffer)
         else:
-            location = str(self._paths[slot])
+            location = f"/proc/{os.getpid()}/fd/{self._fds[slot]}"
         return BucketHandle(index, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
                             str(self.dtype).removeprefix("torch."), "cuda_ipc" if self.device.type == "cuda" else "shm",
-                            location)
-
-    @property
-    def segments(self) -> list[str]:
-        """Paths of this stager's shared-memory segments (none on CUDA)."""
-        return [str(p) for p in self._paths]
+                            location, self._names[slot])
 
     def close(self) -> None:
-        self._buffers.clear()
-        for path in self._paths:
-            path.unlink(missing_ok=True)
-        self._paths.clear()
+        self._buffers.clear()  # the mapping ends with its last view
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
 
 def _cuda_ipc_payload(buffer: Tensor) -> bytes:
@@ -205,49 +234,72 @@ def _cuda_ipc_payload(buffer: Tensor) -> bytes:
 
 
 # -- the engine side ----------------------------------------------------------------------------
+class OpenedBuffers:
+    """The engine side of one sync: each staging buffer opened on the first bucket staged in it and
+    kept open for the buckets after it, until `close()` at the end of the sync.
+
+    On CPU a buffer is mapped read-only; on CUDA its IPC handle is opened once. The mapping ends
+    when the last view of it is gone, so a view a loader kept stays valid (it never dangles).
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self._flat: dict[str, Tensor] = {}
+
+    @contextmanager
+    def bucket(self, handle: BucketHandle) -> Iterator[list[tuple[str, Tensor]]]:
+        """The bucket's HF-named tensors as views of the actor's buffer, valid inside the block only:
+        the consumer copies them (engines load weights by copying). Leaving the block is the point
+        after which the engine may ack, and the actor overwrite the buffer: on CUDA it first waits
+        for the copies still reading it."""
+        flat = self._flat.get(handle.buffer)
+        if flat is None:
+            flat = self._flat[handle.buffer] = self._open(handle)
+        try:
+            yield list(unpack(flat[:handle.numel], handle.names, handle.shapes))
+        except BaseException:
+            self.close()  # the sync has failed: hold nothing of it
+            raise
+        if flat.device.type == "cuda":
+            torch.cuda.synchronize(flat.device)
+
+    def _open(self, handle: BucketHandle) -> Tensor:
+        if handle.transport == "shm":
+            gone = FileNotFoundError(f"{handle.describe()}: staging buffer {handle.buffer} is gone "
+                                     f"(the actor rank that staged it closed it, or ended)")
+            try:
+                fd = os.open(handle.location, os.O_RDONLY)  # never creates or grows anything
+            except FileNotFoundError:
+                raise gone from None
+            try:
+                if f"/memfd:{handle.buffer} " not in os.readlink(f"/proc/self/fd/{fd}") + " ":
+                    raise gone  # the actor closed the buffer and reused the descriptor's number
+                region = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            with warnings.catch_warnings():  # read-only by design: the engine only copies out of it
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                return torch.frombuffer(region, dtype=handle.torch_dtype)  # keeps `region` mapped
+        if handle.transport == "cuda_ipc":
+            rebuild, args = pickle.loads(handle.location)
+            args = list(args)
+            args[6] = (self.device or torch.device("cuda", torch.cuda.current_device())).index  # receiver's own index
+            return rebuild(*args)
+        raise ValueError(f"{handle.describe()}: unknown transport {handle.transport!r}")
+
+    def close(self) -> None:
+        self._flat.clear()
+
+
 @contextmanager
 def opened_bucket(handle: BucketHandle, device: torch.device | None = None) -> Iterator[list[tuple[str, Tensor]]]:
-    """The bucket's HF-named tensors as views of the actor's buffer, valid inside the block only:
-    the consumer must copy them (engines load weights by copying). Unmapped on exit."""
-    if handle.transport == "shm":
-        if not os.path.exists(handle.location):
-            raise FileNotFoundError(f"{handle.describe()}: shared-memory segment {handle.location} is gone "
-                                    f"(the actor rank that staged it ended the sync)")
-        # A private mapping reads the actor's bytes and can never create or grow the segment.
-        flat = torch.from_file(str(handle.location), shared=False, size=handle.numel, dtype=handle.torch_dtype)
-    elif handle.transport == "cuda_ipc":
-        rebuild, args = pickle.loads(handle.location)
-        args = list(args)
-        args[6] = (device or torch.device("cuda", torch.cuda.current_device())).index  # receiver's own index
-        flat = rebuild(*args)
-    else:
-        raise ValueError(f"{handle.describe()}: unknown transport {handle.transport!r}")
+    """One bucket on its own (tests, and a reader outside a sync): opened, read, closed."""
+    buffers = OpenedBuffers(device)
     try:
-        yield list(unpack(flat, handle.names, handle.shapes))
+        with buffers.bucket(handle) as named:
+            yield named
     finally:
-        del flat
-
-
-def read_bucket_into(handle: BucketHandle, destinations: dict[str, Tensor]) -> None:
-    """Shared memory straight into the engine's own tensors: one kernel copy per tensor, and no
-    mapping, so no page-table work and no extra memory in the engine (HF engine, CPU). Each
-    destination must be contiguous, on the host, of the bucket's dtype and shape."""
-    if handle.transport != "shm":
-        raise ValueError(f"{handle.describe()}: read_bucket_into() reads shared memory, not {handle.transport!r}")
-    try:
-        segment = open(handle.location, "rb", buffering=0)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{handle.describe()}: shared-memory segment {handle.location} is gone "
-                                f"(the actor rank that staged it ended the sync)") from None
-    with segment:
-        for name, shape in zip(handle.names, handle.shapes):
-            target = destinations[name]
-            if target.dtype != handle.torch_dtype or tuple(target.shape) != tuple(shape) or not target.is_contiguous():
-                raise ValueError(f"{handle.describe()}: {name!r} is {handle.dtype} {tuple(shape)}, the engine's "
-                                 f"{str(target.dtype).removeprefix('torch.')} {tuple(target.shape)}")
-            view = target.view(-1).view(torch.uint8).numpy()
-            if segment.readinto(view) != view.nbytes:
-                raise EOFError(f"{handle.describe()}: segment {handle.location} ended inside {name!r}")
+        buffers.close()
 
 
 def unpack(flat: Tensor, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> Iterator[tuple[str, Tensor]]:
@@ -258,17 +310,16 @@ def unpack(flat: Tensor, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
         offset += numel
 
 
-def remove_segments(paths: Sequence[str]) -> int:
-    """Unlink staging segments (a sync's last resort, for a rank that died holding them);
-    returns how many were still there. Only names this module makes are touched."""
-    removed = 0
-    for path in set(paths):
-        if Path(path).name.startswith(SHM_PREFIX) and os.path.exists(path):
-            Path(path).unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def leftover_segments() -> list[str]:
-    """Staging segments in /dev/shm right now (tests and benchmarks check this is empty)."""
-    return sorted(p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}*")) if SHM_DIR.is_dir() else []
+def staging_mappings() -> dict[int, set[str]]:
+    """Which processes on this machine map a CPU staging buffer, and which ones: {pid: names}.
+    Outside a sync only actor ranks should (tests check it; a process that exits unmaps)."""
+    found: dict[int, set[str]] = {}
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        names = set(re.findall(rf"/memfd:({SHM_PREFIX}[\w-]+)", text))
+        if names:
+            found[int(maps.parent.name)] = names
+    return found
