@@ -17,6 +17,7 @@ the driver as `RoleError` naming the role, the rank and the method.
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 from abc import ABC, abstractmethod
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from hybrid_ppo.config import Config, ExecutorKind
 from hybrid_ppo.placement import roles_for
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from hybrid_ppo.ray_executor import RayExecutor
@@ -225,9 +228,17 @@ class LocalExecutor:
         return group
 
     def shutdown(self) -> None:
-        """Drop the roles. The process-wide torch.distributed world of size 1 stays: DeepSpeed caches
-        its groups for the life of the process, so a destroyed world would leave the next local
-        run (a second job in one process, as in the tests) holding dangling groups."""
+        """Close the roles that can close, and drop them all. The process-wide torch.distributed
+        world of size 1 stays: DeepSpeed caches its groups for the life of the process, so a
+        destroyed world would leave the next local run (a second job in one process, as in the
+        tests) holding dangling groups."""
+        for group in self._groups:
+            close = getattr(group.instance, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as err:  # noqa: BLE001 - the others must still close
+                    log.warning("closing role '%s' failed: %s", group.name, err)
         self._groups.clear()
 
     def __enter__(self) -> LocalExecutor:

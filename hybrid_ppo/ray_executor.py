@@ -32,6 +32,9 @@ WAIT_POLL_S = 1.0
 """A blocking wait returns to Python this often, to see whether a second SIGINT/SIGTERM asked to
 abandon the phase (`stopping.check_abandoned`)."""
 
+CLOSE_TIMEOUT_S = 30.0
+"""How long `shutdown` lets roles with a `close()` method stop cleanly before it kills them all."""
+
 MAX_UNIX_TEMP_DIR = 40
 """Ray puts Unix sockets at <temp_dir>/session_<date>_<pid>/sockets/...; the path limit is ~107 chars."""
 
@@ -80,8 +83,9 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class RayRoleGroup(RoleGroup):
-    def __init__(self, name: str, handles: list):
+    def __init__(self, name: str, handles: list, closable: bool = False):
         self.name, self.world_size, self._handles = name, len(handles), handles
+        self.closable = closable  # the role class has close(): shutdown calls it before killing
 
     @property
     def members(self) -> list:
@@ -210,20 +214,29 @@ class RayExecutor:
                 num_gpus=spec.gpu, num_cpus=spec.cpu, scheduling_strategy=strategy,
                 runtime_env={"env_vars": actor_env} if actor_env else None,
             ).remote(self.cfg, dist, *extra_args))
-        group = RayRoleGroup(role, handles)
+        group = RayRoleGroup(role, handles, closable=callable(getattr(cls, "close", None)))
         self._groups.append(group)
         if wait:
             group.wait_ready()
         return group
 
     def shutdown(self) -> None:
-        """Kill the actors, release the placement group, and stop Ray if this executor started it."""
+        """Let the roles that can close do so, kill the actors, release the placement group, and
+        stop Ray if this executor started it."""
         import ray
 
         if not ray.is_initialized():
             return
         from ray.util.placement_group import remove_placement_group
 
+        closing = [h.close.remote() for group in self._groups if group.closable for h in group.members]
+        if closing:  # a dead or stuck rank must not hold up the shutdown: it is killed below anyway
+            ready, _ = ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError:
+                    pass
         for group in self._groups:
             for handle in group.members:
                 ray.kill(handle)

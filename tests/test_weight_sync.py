@@ -161,6 +161,7 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
     path, prompts = checkpoint
     cache = tempfile.mkdtemp(prefix="hppo", dir="/tmp")
     cfg = _config(cache, zero_stage, f"rollout.engine={engine}", "rollout.enforce_eager=true")
+    shm_before = set(os.listdir("/dev/shm"))
     executor = RayExecutor(cfg).start()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module
     try:
@@ -204,6 +205,8 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
         executor.shutdown()
         shutil.rmtree(cache, ignore_errors=True)
     assert staging_mappings() == {}  # gone with the processes that held them
+    # Nothing named is left either: not by DeepSpeed's CPU all-reduce, not by vLLM's queues.
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 
 def _restore(actor_instance, state: dict[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -44,6 +45,25 @@ def init_distributed(dist: Any) -> None:
         torch.cuda.set_device(0)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    _unlink_deepspeed_shm(dist)
+
+
+DEEPSPEED_SHM = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""deepspeed/ops/csrc/cpu/comm/shm.cpp's name for a rank's all-reduce workspace (CPU only)."""
+
+
+def _unlink_deepspeed_shm(dist: Any) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MiB /dev/shm segment per rank when all ranks are on
+    one host (LOCAL_SIZE == world size: here, groups of one rank) and never unlinks it, so every
+    such role of every CPU run left one behind (78 of them on our dev machine after a day of tests).
+    By the time init returns on every rank, each has mapped its peers' segments, so the names can go.
+    The memory stays mapped, and the kernel frees it with the processes."""
+    import torch.distributed as torch_dist
+
+    if dist.world_size > 1:
+        torch_dist.barrier()  # every peer has opened this rank's segment
+    Path(DEEPSPEED_SHM.format(uid=os.getuid(), addr=dist.master_addr, port=dist.master_port,
+                              rank=dist.rank)).unlink(missing_ok=True)
 
 
 class ResidentRole:

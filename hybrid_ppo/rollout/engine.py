@@ -7,6 +7,8 @@
 * `load_weights(named tensors)`: HF parameter names, full (unsharded) tensors.
 * `load_bucket(handles)` / `finish_weight_sync()`: the same, from buffers the actor ranks staged
   (rollout/weight_sync.py): one handle per worker of the engine, whole layers per bucket.
+* `close()`: stop for good, releasing what would outlive a killed process (vLLM's
+  shared-memory queues); the executor calls it before it kills the role.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class RolloutEngine(Protocol):
     def load_bucket(self, handles: list[BucketHandle]) -> None: ...
 
     def finish_weight_sync(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def sampling_seed(seed: int, iteration: int, rank: int) -> int:

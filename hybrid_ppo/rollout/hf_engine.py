@@ -114,6 +114,9 @@ class HFEngine:
         with self._buffers.bucket(handles[0]) as named:
             self.load_weights(named)
 
+    def close(self) -> None:
+        self._buffers.close()  # nothing else outlives this process
+
     def finish_weight_sync(self) -> None:
         self._buffers.close()
         missing = set(self._params()) - self._loaded

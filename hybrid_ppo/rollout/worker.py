@@ -42,3 +42,7 @@ class RolloutWorker(ResidentRole):
     def finish_weight_sync(self) -> None:
         """Every bucket of the sync has arrived (engines check that nothing is missing)."""
         self.engine.finish_weight_sync()
+
+    def close(self) -> None:
+        """The run is over (executor shutdown): the engine stops for good."""
+        self.engine.close()
