@@ -20,8 +20,11 @@ JSON:
 * `engine_peak_extra_bytes`: the highest resident memory of an engine's process tree (its
   vLLM engine-core and worker processes included) during the measured syncs, minus its level
   just before them; sampled every 2 ms by a thread inside the engine process.
-* `staging_bytes_per_rank`: an actor rank's staging buffers (slots x the largest bucket). On
-  CPU they stay between syncs (rollout/weight_sync.py: `BucketStager`).
+  It counts what the engine maps of the actor's staging buffers (shared pages: the same memory
+  as `staging_bytes_per_rank`), so one staging slot shows as one largest bucket.
+* `staging_bytes_per_rank`: an actor rank's staging buffers (slots x `largest_bucket_bytes`, the
+  largest bucket of the plan: a unit bigger than the bucket size, often the embedding, makes
+  its own bucket). On CPU they stay between syncs (rollout/weight_sync.py: `BucketStager`).
 
 It calls only the sync and the executor (an older checkout's `PPOTrainer.sync_weights`), so the
 same script measures an older checkout (PYTHONPATH=that checkout) for a before/after comparison.
@@ -101,8 +104,8 @@ def memcpy_gbps(nbytes: int, repeats: int = 9) -> float:
 def staging_bytes(model, bucket_bytes: int, slots: int) -> int:
     """What an actor rank's staging buffers hold: `slots` x the largest bucket of the plan."""
     try:
-        from hybrid_ppo.rollout.weight_sync import bucket_plan
-    except ImportError:  # an older checkout: no buckets of whole layers, no staging buffers
+        from hybrid_ppo.rollout.weight_sync import BucketStager, bucket_plan  # noqa: F401
+    except ImportError:  # an older checkout: no staging buffers
         return 0
     named = list(model.named_parameters())
     sizes = [p.numel() * p.element_size() for _, p in named]
@@ -242,7 +245,8 @@ def run(args) -> dict:
             "seconds": seconds, "seconds_while_measuring_median": statistics.median(seconds_measured), "gbps": gbps,
             "memcpy_gbps": memcpy, "gbps_vs_memcpy": gbps / memcpy,
             "driver_bytes": counter["bytes"] // args.syncs, "engine_peak_extra_bytes": max(extra),
-            "engine_peak_extra_buckets": max(extra) / (args.bucket_mb << 20)}
+            "engine_peak_extra_buckets": max(extra) / (args.bucket_mb << 20),
+            "largest_bucket_bytes": staging // args.slots}
 
 
 def sync_function(cfg, actor, rollout):
@@ -272,7 +276,9 @@ def print_table(result: dict) -> None:
             ("delivered / memcpy", f"{100 * result['gbps_vs_memcpy']:.0f} %"),
             ("driver bytes per sync", f"{result['driver_bytes']:,}"),
             ("engine peak extra", f"{result['engine_peak_extra_bytes'] / 2**20:.1f} MiB "
-                                  f"({result['engine_peak_extra_buckets']:.2f} buckets)"),
+                                  f"({result['engine_peak_extra_buckets']:.2f} x the bucket size"
+                                  + (f", {result['engine_peak_extra_bytes'] / result['largest_bucket_bytes']:.2f} x "
+                                     f"the largest bucket)" if result["largest_bucket_bytes"] else ")")),
             ("actor staging buffers per rank", f"{result['staging_bytes_per_rank'] / 2**20:.1f} MiB"),
             ("s/sync while measuring memory", f"{result['seconds_while_measuring_median']:.3f}")]
     width = max(len(k) for k, _ in rows)

