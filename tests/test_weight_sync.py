@@ -149,10 +149,11 @@ class DiesOnSecondBucket(RolloutWorker):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, zero_stage, engine):
-    """vLLM cases run where vLLM is installed (the vLLM venv in CI: .ci/run)."""
+@pytest.mark.parametrize(("engine", "tp", "zero_stage"),
+                         [("hf", 1, 2), ("hf", 1, 3), ("vllm", 1, 2), ("vllm", 1, 3), ("vllm", 2, 2)])
+def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, zero_stage, engine, tp):
+    """vLLM cases run where vLLM is installed (the vLLM venv in CI: .ci/run). With TP=2 the one
+    engine's two workers each take the handle of the actor rank on their GPU."""
     from hybrid_ppo.ray_executor import RayExecutor
     from hybrid_ppo.roles.actor import Actor
 
@@ -160,7 +161,8 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
         pytest.importorskip("vllm")
     path, prompts = checkpoint
     cache = tempfile.mkdtemp(prefix="hppo", dir="/tmp")
-    cfg = _config(cache, zero_stage, f"rollout.engine={engine}", "rollout.enforce_eager=true")
+    cfg = _config(cache, zero_stage, f"rollout.engine={engine}", "rollout.enforce_eager=true",
+                  f"rollout.tensor_parallel_size={tp}")
     shm_before = set(os.listdir("/dev/shm"))
     executor = RayExecutor(cfg).start()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module
@@ -168,7 +170,7 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
         rollout = executor.spawn("rollout", RolloutWorker, path)
         actor = executor.spawn("actor", Actor, path)
 
-        stats = sync_weights(actor, rollout, 1, bucket_bytes=BUCKET_BYTES)
+        stats = sync_weights(actor, rollout, tp, bucket_bytes=BUCKET_BYTES)
         assert stats.buckets >= 3 and stats.bytes_per_engine % BUCKET_BYTES != 0
         actor_pids = set(ray.get([h.__ray_call__.remote(_pid) for h in actor.members]))
         assert set(staging_mappings()) == actor_pids  # the engines closed them; the actor ranks keep them
@@ -177,7 +179,7 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
             assert torch.equal(got, initial)
 
         _train_step(actor, cfg)
-        sync_weights(actor, rollout, 1, bucket_bytes=BUCKET_BYTES, slots=2)  # double-buffered: same result
+        sync_weights(actor, rollout, tp, bucket_bytes=BUCKET_BYTES, slots=2)  # double-buffered: same result
         trained = _greedy_from_actor(actor, path, prompts, str(tmp_path / "trained"))
         assert not torch.equal(trained, initial), "the training step should change the greedy tokens"
         for got in _engines_greedy(rollout, prompts):
