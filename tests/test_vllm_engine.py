@@ -8,7 +8,7 @@ test that needs a policy syncs one first; a level-2 sleep puts the engine back t
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ class Setup(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Setup:
+def setup(tmp_path_factory) -> Iterator[Setup]:
     from hybrid_ppo.tasks.tiny_model import build_tiny_llama
     from hybrid_ppo.tasks.tokenizer import build_tokenizer
 
@@ -51,7 +51,8 @@ def setup(tmp_path_factory) -> Setup:
         fresh_refusal = None
     except RuntimeError as err:
         fresh_refusal = err
-    return Setup(engine, models, prompts, str(path), fresh_refusal)
+    yield Setup(engine, models, prompts, str(path), fresh_refusal)
+    engine.close()  # before interpreter exit, when vLLM's own atexit cleanup has no log stream left
 
 
 def _weights(model):
@@ -163,7 +164,7 @@ def test_tensor_parallel_workers_each_load_their_own_ranks_buffer(setup):
                 engine.load_bucket(handles)
                 if k == 0:  # mid-sync: each worker maps one buffer, and not the same one
                     workers = [names for pid, names in staging_mappings().items() if pid != os.getpid()]
-                    assert sorted(map(sorted, workers)) == [[handles[0].buffer], [handles[1].buffer]], workers
+                    assert sorted(map(sorted, workers)) == sorted([[handles[0].buffer], [handles[1].buffer]]), workers
             engine.finish_weight_sync()
         finally:
             for stager in stagers:

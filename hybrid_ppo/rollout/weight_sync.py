@@ -271,6 +271,10 @@ class OpenedBuffers:
                 fd = os.open(handle.location, os.O_RDONLY)  # never creates or grows anything
             except FileNotFoundError:
                 raise gone from None
+            except PermissionError:
+                raise PermissionError(f"{handle.describe()}: may not open {handle.location}, the actor rank's "
+                                      f"staging buffer: roles must run as one user, and /proc must not be "
+                                      f"mounted with hidepid") from None
             try:
                 if f"/memfd:{handle.buffer} " not in os.readlink(f"/proc/self/fd/{fd}") + " ":
                     raise gone  # the actor closed the buffer and reused the descriptor's number
