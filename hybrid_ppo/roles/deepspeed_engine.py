@@ -9,10 +9,9 @@ each optimizer step and saves it in its checkpoints with the optimizer.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
-
-import math
 
 import torch
 from torch import nn
