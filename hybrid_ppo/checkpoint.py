@@ -26,13 +26,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from hybrid_ppo.errors import HybridPPOError
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^iter_(\d{6,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HybridPPOError, RuntimeError):
     """No usable checkpoint, or one that does not match the run; the message names the path."""
 
 

@@ -12,10 +12,8 @@ import dataclasses
 import sys
 from enum import Enum
 
-import traceback
-
 from hybrid_ppo.config import Config, load_config
-from hybrid_ppo.errors import is_internal, one_line
+from hybrid_ppo.errors import InputError, is_internal, one_line, save_traceback
 
 
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -69,7 +67,7 @@ def cmd_resume(args: list[str]) -> int:
     from hybrid_ppo.launch import resume
 
     if not args or "=" in args[0]:
-        raise ValueError("resume needs the run directory: hybrid-ppo resume RUN_DIR [section.key=value ...]")
+        raise InputError("resume needs the run directory: hybrid-ppo resume RUN_DIR [section.key=value ...]")
     return _report(resume(args[0], args[1:]))
 
 
@@ -123,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, overrides)
         return COMMANDS[ns.command](cfg, **options)
     except BaseException as err:  # the one error boundary (hybrid_ppo/errors.py)
-        if is_internal(err):  # a bug, and no train.log holds its traceback: show it
-            traceback.print_exception(err, file=sys.stderr)
-        message, code = one_line(err)
+        # A bug, and no train.log holds its traceback: keep it in a file the line names.
+        message, code = one_line(err, save_traceback(err) if is_internal(err) else None)
         print(f"hybrid-ppo: {message}", file=sys.stderr)
         return code
 

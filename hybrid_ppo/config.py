@@ -21,13 +21,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hybrid_ppo.algo.estimators import AdvantageEstimator
 from hybrid_ppo.algo.ppo import KLEstimator, LossAgg
+from hybrid_ppo.errors import EXIT_CONFIG, HybridPPOError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
 BUILTIN_PREFIX = "builtin:"
 
 
-class ConfigError(ValueError):
+class ConfigError(HybridPPOError, ValueError):
     """A bad config value: the message names the key, the value given and what is allowed."""
+
+    exit_code = EXIT_CONFIG
 
     def __init__(self, key: str, value: Any, allowed: str):
         value = value.value if isinstance(value, Enum) else value  # 'k1', not <KLEstimator.K1: 'k1'>

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, DataConfig, OverlongPrompts
+from hybrid_ppo.errors import HybridPPOError
 from hybrid_ppo.tasks import max_digit
 from hybrid_ppo.tasks.base import Example
 
@@ -47,7 +48,7 @@ BUILTIN_DATASETS = ("max-digit",)
 SPLITS = ("train", "eval")
 
 
-class DataError(ValueError):
+class DataError(HybridPPOError, ValueError):
     """Bad prompt data; the message names the file and line (or row) and the problem."""
 
 
@@ -64,7 +65,7 @@ def load_prompts(spec: str, split: str, cfg: Config) -> list[Example]:
         name = spec[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_DATASETS:
             known = " | ".join(BUILTIN_PREFIX + known_name for known_name in BUILTIN_DATASETS)
-            raise ValueError(f"unknown builtin dataset {spec!r}; known: {known}")
+            raise DataError(f"unknown builtin dataset {spec!r}; known: {known}")
         size = len(max_digit.split_digits(split)) if split == "train" else cfg.data.eval_size
         return max_digit.make_examples(split, size, cfg.train.seed)
     examples = read_prompt_source(spec, cfg.data)
@@ -212,7 +213,7 @@ def encode_prompts(
     ids = tokenizer(list(prompts), add_special_tokens=not templated)["input_ids"] if prompts else []
     for index, row in enumerate(ids):
         if len(row) > max_prompt_tokens:
-            raise ValueError(
+            raise DataError(
                 f"prompt {index} has {len(row)} tokens, more than data.max_prompt_tokens = {max_prompt_tokens}: "
                 f"{prompts[index][:80]!r}"
             )
@@ -277,7 +278,7 @@ class PromptBatches:
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int):
         if not examples:
-            raise ValueError("PromptBatches: no examples")
+            raise DataError("PromptBatches: no examples")
         if batch_size <= 0:
             raise ValueError(f"PromptBatches: batch_size must be > 0, got {batch_size}")
         self.examples, self.batch_size = list(examples), batch_size

@@ -1,35 +1,73 @@
 """The one error boundary: any exception out of a command -> one line and an exit code.
 
-Errors are raised deep down as typed exceptions that name the key, file, line or sample. Only
-here are they turned into `hybrid-ppo: <message>`. A failure inside a run (its directory exists)
-arrives as `RunFailed`: its traceback is already in train.log, and the line says where, and how
-to continue when a checkpoint exists. A rank's own exception is shown, not Ray's wrapper.
+Errors the user can act on (config, data, model directories, reward functions, placement,
+checkpoints, divergence, signals) are raised deep down as subclasses of `HybridPPOError` that name
+the key, file, line or sample. Only here are they turned into `hybrid-ppo: <message>`; so are
+`OSError` (a missing or unreadable file) and Ctrl-C. Anything else is a bug in hybrid-ppo, even
+a `ValueError` from torch: its line says so and where its traceback is.
+
+A failure inside a run (its directory exists) arrives as `RunFailed`: its traceback is already
+in train.log, and the line says where, and how to continue when a checkpoint exists. A rank's own
+exception is shown, not Ray's wrapper.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, FloatingPointError, TimeoutError,
-                                                KeyboardInterrupt)
-"""What a user can act on (config, data, model directories, reward functions, placement, dead
-roles, divergence, signals). Anything else is a bug in hybrid-ppo and says so."""
+
+class HybridPPOError(Exception):
+    """Base of every error hybrid-ppo raises for the user to act on; its message is the one line."""
+
+    exit_code = EXIT_ERROR
 
 
-def one_line(err: BaseException) -> tuple[str, int]:
-    """The message (without the `hybrid-ppo: ` prefix) and the exit code for `err`."""
-    from hybrid_ppo.config import ConfigError
+class InputError(HybridPPOError, ValueError):
+    """Bad input that no more specific class covers (a command's arguments, a file, a function)."""
+
+
+class Diverged(HybridPPOError, FloatingPointError):
+    """Training produced a non-finite value; the message names what and where (lower the lr)."""
+
+
+class RunFailed(HybridPPOError):
+    """A run whose directory exists failed; `__cause__` is why, train.log has the traceback."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path | None):
+        self.run_dir, self.checkpoint = run_dir, checkpoint
+        super().__init__(f"run in {run_dir} failed")
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (HybridPPOError, OSError, KeyboardInterrupt)
+"""What a user can act on. Anything else is a bug in hybrid-ppo and says so."""
+
+BUG = "internal error, please report it"
+
+
+def is_user_error(err: BaseException) -> bool:
+    return isinstance(err, USER_ERRORS) and not isinstance(err, NotImplementedError)
+
+
+def one_line(err: BaseException, traceback_file: Path | None = None) -> tuple[str, int]:
+    """The message (without the `hybrid-ppo: ` prefix) and the exit code for `err`.
+
+    `traceback_file`: where the CLI wrote the traceback of a bug outside a run (see `save_traceback`).
+    """
     from hybrid_ppo.executor import RoleError
     from hybrid_ppo.stopping import Interrupted
 
     run_dir: Path | None = None
     checkpoint: Path | None = None
-    if type(err).__name__ == "RunFailed":  # launch.RunFailed, without importing the run machinery
-        run_dir, checkpoint = err.run_dir, err.checkpoint  # type: ignore[attr-defined]
+    if isinstance(err, RunFailed):
+        run_dir, checkpoint = err.run_dir, err.checkpoint
         err = err.__cause__ or err
     if isinstance(err, RoleError) and not err.died:
         where = f"role '{err.role}' rank {err.rank}" + (f", phase {err.phase}" if err.phase else "")
@@ -39,10 +77,11 @@ def one_line(err: BaseException) -> tuple[str, int]:
         cause, message = err, "interrupted (Ctrl-C) before the run started"
     else:
         cause, message = err, _text(err)
-    constructor = getattr(cause, "actor_init_failed", False)  # a role's __init__ raised (e.g. a bad model dir)
-    user_error = isinstance(cause, (*USER_ERRORS, Interrupted)) and not isinstance(cause, NotImplementedError)
-    if not constructor and not user_error:
-        message = f"internal error, please report it: {type(cause).__name__}: {message}"
+    constructor = getattr(cause, "actor_init_failed", False)  # a Ray role's __init__ raised: only its text is left
+    if not constructor and not is_user_error(cause):
+        message = f"{BUG}: {type(cause).__name__}: {message}"
+        if run_dir is None and traceback_file is not None:
+            message += f"; traceback in {traceback_file}"
     if run_dir is not None:
         if not isinstance(err, Interrupted):  # a requested stop is no failure to debug
             message += f"; traceback in {run_dir / 'train.log'}"
@@ -50,24 +89,27 @@ def one_line(err: BaseException) -> tuple[str, int]:
             message += f"; `hybrid-ppo resume {run_dir}` continues from {checkpoint.name}"
         elif isinstance(err, (RoleError, Interrupted)):
             message += "; no checkpoint to resume from (set train.save_every > 0)"
-    return message, _exit_code(err, ConfigError, Interrupted)
+    return message, _exit_code(err, Interrupted)
 
 
 def is_internal(err: BaseException) -> bool:
-    """A bug rather than bad input: its traceback is worth showing when no train.log has it."""
-    from hybrid_ppo.stopping import Interrupted
-
-    return type(err).__name__ != "RunFailed" and not isinstance(err, (*USER_ERRORS, Interrupted))
+    """A bug rather than bad input, and no train.log holds its traceback (see `save_traceback`)."""
+    return not isinstance(err, RunFailed) and not is_user_error(err)
 
 
-def _exit_code(err: BaseException, config_error: type, interrupted: type) -> int:
+def save_traceback(err: BaseException) -> Path:
+    """Write a bug's traceback to a file of its own (the terminal gets one line naming it)."""
+    path = Path(tempfile.gettempdir()) / f"hybrid-ppo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.traceback"
+    path.write_text("".join(traceback.format_exception(err)))
+    return path
+
+
+def _exit_code(err: BaseException, interrupted: type) -> int:
     if isinstance(err, interrupted):
         return 128 + err.signum  # type: ignore[attr-defined]  # the shell's convention
     if isinstance(err, KeyboardInterrupt):
         return 128 + signal.SIGINT
-    if isinstance(err, config_error) or type(err).__name__ == "PlacementError":
-        return EXIT_CONFIG
-    return EXIT_ERROR
+    return err.exit_code if isinstance(err, HybridPPOError) else EXIT_ERROR
 
 
 def _text(err: BaseException) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from hybrid_ppo.config import Config, ExecutorKind
+from hybrid_ppo.errors import HybridPPOError
 from hybrid_ppo.placement import roles_for
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class DistInfo:
         return f"tcp://{self.master_addr}:{self.master_port}"
 
 
-class RoleError(RuntimeError):
+class RoleError(HybridPPOError, RuntimeError):
     """An exception raised inside one rank of a role, re-raised in the driver.
 
     `died`: the rank's process is gone (killed, out of memory), rather than its code raising.
@@ -83,6 +84,10 @@ class RoleError(RuntimeError):
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             return lines[-1] if lines else text
         return text
+
+
+class RoleTimeout(HybridPPOError, TimeoutError):
+    """Ranks of a role that did not finish a call in time; the message names them."""
 
 
 class Pending:

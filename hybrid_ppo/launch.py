@@ -29,6 +29,7 @@ import yaml
 from hybrid_ppo.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, read_state, replace_dir,
                                    write_checkpoint)
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, load_config
+from hybrid_ppo.errors import InputError, RunFailed
 from hybrid_ppo.memory.plan import Phase, Residency, Role, phase_plan, resident_everything
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, read_metrics
@@ -51,14 +52,6 @@ RESUMABLE_KEYS = frozenset({
 })
 """What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
 of an iteration (offloading moves states bit for bit)."""
-
-
-class RunFailed(RuntimeError):
-    """A run whose directory exists failed; `__cause__` is why, train.log has the traceback."""
-
-    def __init__(self, run_dir: Path, checkpoint: Path | None):
-        self.run_dir, self.checkpoint = run_dir, checkpoint
-        super().__init__(f"run in {run_dir} failed")
 
 
 @dataclass(frozen=True)
@@ -113,6 +106,9 @@ def resolve_model(key: str, spec: str, cfg: Config) -> str:
         return str(resolve_builtin_model(spec, cfg))
     if not Path(spec).is_dir():
         raise FileNotFoundError(f"{key} = {spec!r} is not a directory (models load from local HF directories)")
+    if not (Path(spec) / "config.json").is_file():  # else the tokenizer's loader fails first, and says less
+        raise InputError(f"{key} = {spec!r} has no config.json: not a Hugging Face model directory "
+                         "(expected config.json, the weights and the tokenizer files)")
     return spec
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from hybrid_ppo.errors import Diverged
 from hybrid_ppo.memory.scheduler import Move
 from hybrid_ppo.samples import FILE_NAME as SAMPLES_FILE
 
@@ -44,7 +45,7 @@ class MetricsWriter:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:
-            raise FloatingPointError(f"non-finite metric(s) at iteration {step}: {', '.join(bad)}")
+            raise Diverged(f"non-finite metric(s) at iteration {step}: {', '.join(bad)}")
         self._file.write(json.dumps({"iteration": step, **self.tags, **metrics}) + "\n")
         self._file.flush()
         if self._tb is not None:

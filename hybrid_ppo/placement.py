@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hybrid_ppo.config import Config
+from hybrid_ppo.errors import EXIT_CONFIG, HybridPPOError
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
@@ -33,8 +34,10 @@ PG_READY_TIMEOUT_S = 60.0
 """How long `create_placement_group` waits for all bundles before giving up."""
 
 
-class PlacementError(ValueError):
+class PlacementError(HybridPPOError, ValueError):
     """The plan cannot be placed; the message lists the offending bundles and roles."""
+
+    exit_code = EXIT_CONFIG
 
 
 @dataclass(frozen=True)

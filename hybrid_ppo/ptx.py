@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybrid_ppo.errors import InputError
+
 TEXT_FIELD = "text"
 
 
@@ -28,7 +30,7 @@ def read_pretrain_texts(spec: str) -> list[str]:
 
         dataset = load_from_disk(str(path))
         if TEXT_FIELD not in dataset.column_names:
-            raise ValueError(f"data.pretrain {spec}: no '{TEXT_FIELD}' column (columns: {dataset.column_names})")
+            raise InputError(f"data.pretrain {spec}: no '{TEXT_FIELD}' column (columns: {dataset.column_names})")
         texts = [t for t in dataset[TEXT_FIELD] if isinstance(t, str) and t.strip()]
     elif path.is_file():
         texts = []
@@ -37,9 +39,9 @@ def read_pretrain_texts(spec: str) -> list[str]:
                 if line.strip():
                     texts.append(_text_of(line, f"{path}:{number}"))
     else:
-        raise ValueError(f"data.pretrain {spec!r} is neither a JSONL file nor a datasets directory")
+        raise InputError(f"data.pretrain {spec!r} is neither a JSONL file nor a datasets directory")
     if not texts:
-        raise ValueError(f"data.pretrain {spec}: no texts")
+        raise InputError(f"data.pretrain {spec}: no texts")
     return texts
 
 
@@ -47,9 +49,9 @@ def _text_of(line: str, where: str) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        raise InputError(f"{where}: not valid JSON ({err.msg})") from None
     if not isinstance(row, dict) or not isinstance(row.get(TEXT_FIELD), str):
-        raise ValueError(f"{where}: expected an object with a '{TEXT_FIELD}' string")
+        raise InputError(f"{where}: expected an object with a '{TEXT_FIELD}' string")
     return row[TEXT_FIELD]
 
 

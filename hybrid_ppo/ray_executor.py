@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hybrid_ppo.config import Config
-from hybrid_ppo.executor import LOCALHOST, DistInfo, Pending, RoleError, RoleGroup, _Ports
+from hybrid_ppo.executor import LOCALHOST, DistInfo, Pending, RoleError, RoleGroup, RoleTimeout, _Ports
 from hybrid_ppo.placement import PlacementPlan, create_placement_group, make_plan
 from hybrid_ppo.stopping import check_abandoned
 
@@ -135,7 +135,7 @@ class RayRoleGroup(RoleGroup):
                 continue
             if not ready:
                 stuck = sorted(rank_of[ref] for ref in pending)
-                raise TimeoutError(f"role '{self.name}': {method}() of ranks {stuck} not done after {timeout_s:g} s")
+                raise RoleTimeout(f"role '{self.name}': {method}() of ranks {stuck} not done after {timeout_s:g} s")
             for ref in ready:
                 try:
                     results[rank_of[ref]] = ray.get(ref)

@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from hybrid_ppo.errors import HybridPPOError
+
 log = logging.getLogger(__name__)
 
 
-class SpecialTokenError(ValueError):
+class SpecialTokenError(HybridPPOError, ValueError):
     """A checkpoint from which no EOS id can be found."""
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(HybridPPOError, ValueError):
     """Two models that must share a tokenizer (actor and reward model) do not."""
 
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from hybrid_ppo.errors import HybridPPOError
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -28,7 +30,7 @@ def check_abandoned() -> None:
         raise Interrupted(_abandon_on[0], None, None)
 
 
-class Interrupted(Exception):
+class Interrupted(HybridPPOError):
     """The run stopped on a signal; `checkpoint` is where it can continue from (None: nowhere)."""
 
     def __init__(self, signum: int, iteration: int | None, checkpoint: Path | None):

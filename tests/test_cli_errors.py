@@ -41,7 +41,10 @@ BAD_INPUTS = {
     "bad prompt line": (["data.prompts={tmp}/bad.jsonl", "data.eval_prompts={tmp}/bad.jsonl"],
                         "bad.jsonl:2: 'prompt' must be a string or a list of", 1),
     "model directory": (["model.actor={tmp}/no-model"], "is not a directory", 1),
+    "model without config.json": (["model.actor={tmp}"], "has no config.json: not a Hugging Face model directory", 1),
     "reward function": (["model.reward_fn=hybrid_ppo.tasks.max_digit:nope"], "has no function 'nope'", 1),
+    "reward module syntax": (["model.reward_fn=broken_rewards:score"],
+                             "syntax error in {tmp}/broken_rewards.py:2", 1),
     "infeasible placement": (["placement.gpu_per_role=0.5"], "infeasible placement plan", 2),
 }
 
@@ -57,10 +60,11 @@ def cache(tmp_path_factory) -> Path:
 def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, cache, case):
     overrides, message, code = BAD_INPUTS[case]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "max 1 2 3 4 ="}\n{"prompt": 5}\n')
+    (tmp_path / "broken_rewards.py").write_text("def score(prompts, responses, labels):\n    return [1.0 for\n")
     args = [o.format(tmp=tmp_path) for o in overrides]
     out = run_cli("train", *args, "warmup.steps=20", f"logging.output_dir={tmp_path}/runs",
                   f"logging.cache_dir={cache}", "logging.run_name=bad", cwd=tmp_path)
-    assert_one_line(out, message, code)
+    assert_one_line(out, message.format(tmp=tmp_path), code)
     assert not (tmp_path / "runs" / "bad").exists()
 
 

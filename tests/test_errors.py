@@ -51,3 +51,79 @@ def test_multi_line_messages_become_one_line_and_bugs_say_so():
     assert message == "infeasible placement plan: bundle 0: 1.2 GPU; bundle 1: 1.2 GPU" and code == 2
     message, code = one_line(KeyError("oops"))
     assert message.startswith("internal error, please report it: KeyError") and code == 1
+
+
+def test_a_bug_inside_a_role_says_it_is_a_bug_and_where_its_traceback_is():
+    """A plain RuntimeError (ours, or from torch/DeepSpeed) is no user error, even in a run."""
+    bug = RoleError("actor", 0, "train", RuntimeError("index 7 is out of bounds"))
+    bug.phase = "train_actor"
+    message, code = one_line(failed_run(bug))
+    assert message.startswith("internal error, please report it: RuntimeError: index 7 is out of bounds "
+                              "(role 'actor' rank 0, phase train_actor); traceback in /runs/r1/train.log")
+    assert code == 1
+    message, _ = one_line(ValueError("shape mismatch"), traceback_file=Path("/tmp/x.traceback"))
+    assert message == "internal error, please report it: ValueError: shape mismatch; traceback in /tmp/x.traceback"
+
+
+def test_every_error_raised_for_the_user_shares_one_base():
+    from hybrid_ppo.checkpoint import CheckpointError
+    from hybrid_ppo.config import ConfigError
+    from hybrid_ppo.data import DataError
+    from hybrid_ppo.errors import HybridPPOError
+    from hybrid_ppo.roles.trained import TrainingDiverged
+    from hybrid_ppo.rollout.weight_sync import WeightSyncError
+    from hybrid_ppo.special_tokens import SpecialTokenError, TokenizerMismatchError
+
+    for cls in (CheckpointError, ConfigError, DataError, PlacementError, RewardError, RoleError, RunFailed,
+                Interrupted, TrainingDiverged, WeightSyncError, SpecialTokenError, TokenizerMismatchError):
+        assert issubclass(cls, HybridPPOError), cls
+
+
+def test_a_reward_module_with_a_syntax_error_names_the_file_and_line(tmp_path, monkeypatch):
+    from hybrid_ppo.roles.reward import load_reward_fn
+
+    (tmp_path / "broken_rewards.py").write_text("def score(prompts, responses, labels):\n    return [1.0 for\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        load_reward_fn("broken_rewards:score")
+    except Exception as err:  # noqa: BLE001  # the boundary's view of it is what is tested
+        message, code = one_line(err)
+    else:
+        raise AssertionError("a module that does not parse was loaded")
+    assert message.startswith(f"model.reward_fn 'broken_rewards:score': syntax error in "
+                              f"{tmp_path / 'broken_rewards.py'}:2"), message
+    assert code == 1
+
+
+def test_a_model_directory_without_config_json_names_the_key_and_what_is_missing(tmp_path):
+    from hybrid_ppo.config import load_config
+    from hybrid_ppo.launch import resolve_model
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    try:
+        resolve_model("model.actor", str(tmp_path), load_config(None, []))
+    except Exception as err:  # noqa: BLE001
+        message, code = one_line(err)
+    else:
+        raise AssertionError("a directory without config.json was accepted as a model")
+    assert message.startswith(f"model.actor = {str(tmp_path)!r} has no config.json"), message
+    assert code == 1
+
+
+def test_a_bug_before_the_run_prints_one_line_and_writes_its_traceback(tmp_path, monkeypatch, capsys):
+    from hybrid_ppo import cli
+
+    def buggy(path, overrides):
+        raise RuntimeError("deliberate bug")
+
+    monkeypatch.setattr(cli, "load_config", buggy)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert cli.main(["plan"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hybrid-ppo: internal error, please report it: RuntimeError: deliberate bug; traceback in ")
+    written = Path(err.strip().rsplit("traceback in ", 1)[1])
+    assert written.parent == tmp_path and "deliberate bug" in written.read_text() and "Traceback" in written.read_text()

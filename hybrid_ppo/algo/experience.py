@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from hybrid_ppo.errors import Diverged
+
 
 @dataclass(frozen=True)
 class Sequences:
@@ -79,7 +81,7 @@ class Experience:
                 raise ValueError(f"experience field {name} has shape {tuple(tensor.shape)}, expected {(batch, width)}")
             if not torch.isfinite(tensor).all():
                 row = int((~torch.isfinite(tensor)).any(-1).nonzero()[0, 0])
-                raise FloatingPointError(f"experience field {name} is not finite (first bad sample: row {row})")
+                raise Diverged(f"experience field {name} is not finite (first bad sample: row {row})")
         return cls(sequences=sequences, **scores)
 
     def __len__(self) -> int:

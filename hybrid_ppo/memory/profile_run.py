@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrid_ppo.config import Config
+from hybrid_ppo.errors import InputError
 from hybrid_ppo.memory.plot import plot_timeline
 from hybrid_ppo.memory.report import (GIB_FIELDS_NOTE, compare_states, comparison_table, load_timeline,
                                       measured_state_bytes, memory_report, phase_peaks)
@@ -38,7 +39,7 @@ def profile(cfg: Config, iterations: int = 3) -> ProfileResult:
     from hybrid_ppo.launch import train
 
     if iterations < 1:
-        raise ValueError(f"profile: iterations must be >= 1, got {iterations}")
+        raise InputError(f"profile: iterations must be >= 1, got {iterations}")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iterations=iterations))
     return write_profile(train(cfg).run_dir, cfg)
 

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from hybrid_ppo.config import BUILTIN_PREFIX
+from hybrid_ppo.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +54,7 @@ def model_config(spec: str):
         from hybrid_ppo.tasks.tokenizer import build_tokenizer
 
         if spec != f"{BUILTIN_PREFIX}tiny-llama":
-            raise ValueError(f"unknown builtin model {spec!r}; known: {BUILTIN_PREFIX}tiny-llama")
+            raise InputError(f"unknown builtin model {spec!r}; known: {BUILTIN_PREFIX}tiny-llama")
         return tiny_llama_config(build_tokenizer())
     from transformers import AutoConfig
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
+from hybrid_ppo.errors import InputError
 
 log = logging.getLogger(__name__)
 SCORE_WEIGHT = "score.weight"  # the num_labels x hidden head of transformers' decoder classifiers
@@ -32,7 +33,7 @@ def load_sequence_classifier(path: str, dtype: torch.dtype) -> nn.Module:
 
     model = AutoModelForSequenceClassification.from_pretrained(_local_dir(path), dtype=dtype, num_labels=1)
     if not isinstance(getattr(model, "score", None), nn.Linear):  # scored by roles.reward.score_last_token
-        raise ValueError(f"reward model {path!r} ({type(model).__name__}) has no linear `score` head")
+        raise InputError(f"reward model {path!r} ({type(model).__name__}) has no linear `score` head")
     return model
 
 
@@ -100,14 +101,14 @@ def _reward_model_head(path: str, dtype: torch.dtype) -> nn.Linear | None:
     index = Path(path) / "model.safetensors.index.json"
     shard = json.loads(index.read_text())["weight_map"].get(SCORE_WEIGHT) if index.is_file() else "model.safetensors"
     if shard is None or not (Path(path) / shard).is_file():
-        raise ValueError(f"critic {path!r}: a sequence-classifier checkpoint without a {SCORE_WEIGHT!r} tensor "
+        raise InputError(f"critic {path!r}: a sequence-classifier checkpoint without a {SCORE_WEIGHT!r} tensor "
                          "in safetensors; cannot reuse its head")
     with safe_open(str(Path(path) / shard), framework="pt") as tensors:
         if SCORE_WEIGHT not in tensors.keys():
-            raise ValueError(f"critic {path!r}: no {SCORE_WEIGHT!r} tensor in {shard}; cannot reuse its head")
+            raise InputError(f"critic {path!r}: no {SCORE_WEIGHT!r} tensor in {shard}; cannot reuse its head")
         weight = tensors.get_tensor(SCORE_WEIGHT)
     if weight.shape[0] != 1:
-        raise ValueError(f"critic {path!r}: its score head has {weight.shape[0]} outputs; a value head needs 1 "
+        raise InputError(f"critic {path!r}: its score head has {weight.shape[0]} outputs; a value head needs 1 "
                          "(a reward model with num_labels = 1)")
     head = nn.Linear(weight.shape[1], 1, bias=False, dtype=dtype)
     with torch.no_grad():

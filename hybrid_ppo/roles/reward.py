@@ -36,6 +36,7 @@ from torch import Tensor
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config
+from hybrid_ppo.errors import HybridPPOError, InputError
 from hybrid_ppo.roles.common import FrozenRole, to_device, torch_dtype
 from hybrid_ppo.roles.models import load_sequence_classifier
 
@@ -43,7 +44,7 @@ RewardFn = Callable[..., Sequence[float]]
 log = logging.getLogger(__name__)
 
 
-class RewardError(RuntimeError):
+class RewardError(HybridPPOError, RuntimeError):
     """A reward function misbehaved; the message names the sample."""
 
 
@@ -53,10 +54,12 @@ def load_reward_fn(spec: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model.reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from None
+        raise InputError(f"model.reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from None
+    except SyntaxError as err:  # the user's own file: name it and the line
+        raise InputError(f"model.reward_fn {spec!r}: syntax error in {err.filename}:{err.lineno}: {err.msg}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"model.reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
+        raise InputError(f"model.reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
     return fn
 
 

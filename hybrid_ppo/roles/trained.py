@@ -17,6 +17,7 @@ from hybrid_ppo.algo.experience import Experience
 from hybrid_ppo.algo.loss_norm import mini_batch_norms
 from hybrid_ppo.algo.ppo import LossNorm
 from hybrid_ppo.config import Config
+from hybrid_ppo.errors import Diverged
 from hybrid_ppo.memory.residency import DeepSpeedResidency
 from hybrid_ppo.metrics import combine
 from hybrid_ppo.roles.common import ResidentRole, init_distributed, role_device
@@ -26,7 +27,7 @@ CHECKPOINT_TAG = "state"
 """DeepSpeed's tag (sub-directory) inside a role's checkpoint directory."""
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(Diverged):
     """Too many optimizer steps in a row skipped for a non-finite loss."""
 
 

@@ -71,6 +71,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from hybrid_ppo.errors import HybridPPOError
+
 SHM_PREFIX = "hppo-sync-"
 """Every CPU staging buffer is a memfd named hppo-sync-<pid>-<slot>-<random>: in /proc/<pid>/fd
 and /proc/<pid>/maps as /memfd:hppo-sync-..., easy to find and to check."""
@@ -82,7 +84,7 @@ hangs, and the sync fails naming it instead of waiting forever."""
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(HybridPPOError, RuntimeError):
     """A sync that could not finish; names the engine (or actor rank) and the bucket."""
 
 

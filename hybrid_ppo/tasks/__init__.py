@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hybrid_ppo.config import BUILTIN_PREFIX, Config
+from hybrid_ppo.errors import InputError
 from hybrid_ppo.tasks import max_digit
 from hybrid_ppo.tasks.base import Example
 
@@ -113,7 +114,7 @@ def _lookup(name: str) -> tuple[Callable[[Config], dict[str, Any]], Callable[[Co
     short = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else None
     if short not in BUILTIN_MODELS:
         known = " | ".join(BUILTIN_PREFIX + known_name for known_name in BUILTIN_MODELS)
-        raise ValueError(f"unknown builtin model {name!r}; known: {known}")
+        raise InputError(f"unknown builtin model {name!r}; known: {known}")
     return BUILTIN_MODELS[short]
 
 

@@ -37,6 +37,7 @@ import hashlib
 import random
 from typing import Sequence
 
+from hybrid_ppo.errors import InputError
 from hybrid_ppo.tasks.base import Example
 
 TASK_NAME = "max-digit"
@@ -58,7 +59,7 @@ def parse_prompt(prompt: str) -> tuple[int, ...]:
     if len(words) < 3 or words[0] != KEYWORD or words[-1] != EQUALS or not all(
         len(w) == 1 and w.isdigit() for w in words[1:-1]
     ):
-        raise ValueError(f"not a {TASK_NAME} prompt (expected like 'max 3 7 1 9 ='): {prompt!r}")
+        raise InputError(f"not a {TASK_NAME} prompt (expected like 'max 3 7 1 9 ='): {prompt!r}")
     return tuple(int(w) for w in words[1:-1])
 
 
