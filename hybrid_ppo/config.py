@@ -19,8 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hybrid_ppo.algo.estimators import AdvantageEstimator
-from hybrid_ppo.algo.ppo import KLEstimator, LossAgg
+from hybrid_ppo.algo.types import AdvantageEstimator, KLEstimator, LossAgg
 from hybrid_ppo.errors import EXIT_CONFIG, HybridPPOError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"

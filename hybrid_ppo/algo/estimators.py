@@ -21,11 +21,12 @@ the mean, then the variance about it), so the result equals the single-process o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
+
+from hybrid_ppo.algo.types import AdvantageEstimator  # noqa: F401  # re-exported
 
 from hybrid_ppo import ops
 from hybrid_ppo.algo.advantages import Advantages, whiten
@@ -39,22 +40,6 @@ GROUP_STD_EPS = 1e-6
 
 AllReduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the ranks that share a batch (identity on one process)."""
-
-
-class AdvantageEstimator(str, Enum):
-    GAE = "gae"
-    GRPO = "grpo"
-    RLOO = "rloo"
-    REINFORCE_PP = "reinforce_pp"
-
-    @property
-    def needs_critic(self) -> bool:
-        return self is AdvantageEstimator.GAE
-
-    @property
-    def uses_groups(self) -> bool:
-        """Compares the responses to one prompt, so it needs samples_per_prompt >= 2."""
-        return self in (AdvantageEstimator.GRPO, AdvantageEstimator.RLOO)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ Diagnostics (``clip_frac``, ``approx_kl``) are detached 0-d tensors; calling
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from hybrid_ppo.algo.types import KLEstimator, LossAgg  # noqa: F401  # re-exported
 
 # exp(-r) in the k3 estimator overflows fp32 for r < -88, and a single token with
 # a large |r| dominates the batch mean. Clamping r to ±20 bounds exp(-r) by
@@ -41,21 +42,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """
     count = masked_sum(torch.ones_like(x), mask, dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)
-
-
-class LossAgg(str, Enum):
-    """How per-token losses become one number (``aggregate``).
-
-    - ``TOKEN_MEAN``: Σ_tokens loss / tokens. Every token weighs the same.
-    - ``SEQ_MEAN_TOKEN_MEAN``: mean over sequences of each one's token mean. Every sequence
-      weighs the same, so a long response's tokens count less (GRPO's original loss).
-    - ``SEQ_MEAN_TOKEN_SUM_NORM``: mean over sequences of Σ_tokens loss / horizon, a constant
-      (``rollout.max_new_tokens``): Dr. GRPO's fix for GRPO's length bias.
-    """
-
-    TOKEN_MEAN = "token_mean"
-    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
-    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"
 
 
 @dataclass(frozen=True)
@@ -83,23 +69,6 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: LossAgg | str = LossAgg.TOKE
     else:
         total = (masked_sum(per_token, mask, dim=-1) / norm.horizon).sum() / max(norm.sequences, 1.0)
     return total * norm.scale
-
-
-class KLEstimator(str, Enum):
-    """Schulman's per-token estimators of KL(π ‖ π_ref) from samples of π.
-
-    With r = log π(a|s) − log π_ref(a|s) for a sampled token a:
-
-    - ``K1 = r``: unbiased, high variance, negative on some tokens.
-    - ``K2 = r² / 2``: biased, low variance, always ≥ 0.
-    - ``K3 = exp(−r) − 1 + r``: unbiased, low variance, always ≥ 0.
-
-    See http://joschu.net/blog/kl-approx.html.
-    """
-
-    K1 = "k1"
-    K2 = "k2"
-    K3 = "k3"
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator | str) -> Tensor:
