@@ -77,6 +77,24 @@ class Rollout:
     examples: list[Example]
     responses: list[str]  # decoded text before the first stop token, without special tokens
     engine_logprobs: torch.Tensor | None = None  # [B, R] the engines' log-probs of the sampled tokens, if they give them
+    generate_s: float = float("nan")  # wall time of the engines' generate calls
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the scoring phases produce for a rollout (values only with a critic)."""
+
+    old_logprobs: torch.Tensor  # [B, R] the actor's, at the rollout temperature
+    ref_logprobs: torch.Tensor  # [B, R] the reference model's
+    reward: torch.Tensor  # [B] the reward model's or the rule reward's score of each response
+    values: torch.Tensor | None = None  # [B, R] the critic's
+
+
+def sequence_kl(experience: Experience, estimator) -> float:
+    """Mean over responses of their summed per-token KL to the reference: the adaptive KL
+    controller's input (and the `kl/sequence_mean` metric)."""
+    kl = kl_penalty(experience.old_logprobs, experience.ref_logprobs, estimator)
+    return float(masked_sum(kl, experience.sequences.action_mask.float(), dim=-1).mean())
 
 
 class PPOTrainer:
@@ -88,36 +106,31 @@ class PPOTrainer:
         # The run passes the ids resolved from the actor's checkpoint (what the engines use too).
         self.special = special or special_tokens_from(None, None, tokenizer, where="tokenizer")
         self.iteration = 0
-        self._metrics: dict[str, float] = {}
+        self._phase_times: dict[str, float] = {}  # what `phase()` measured since the last step or save
         self.kl = KLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.eval_is_accuracy = rule_reward is not None
         """Whether eval/reward_mean is an accuracy: a rule reward that has only ever given 0 or 1."""
 
     # -- one PPO iteration ------------------------------------------------------------------
     def step(self, examples: list[Example]) -> dict[str, float]:
-        self._metrics = {}
+        self._phase_times = {}
         start = time.perf_counter()
         with self.phase(Phase.GENERATE):
             rollout = self.generate(examples, self.sampling())
         scores = self.score(rollout)
-        if self.samples is not None:
-            self.samples.write(self.iteration + 1, [e.prompt for e in examples], rollout.responses,
-                               scores["scores"].tolist(), [e.label for e in examples])
-        if rollout.engine_logprobs is not None:
-            self._metrics["rollout/logprob_diff_max"] = logprob_diff_max(
-                rollout.engine_logprobs, scores["old_logprobs"], rollout.sequences.action_mask)
+        self.log_samples(rollout, scores)
         with self.phase(Phase.ADVANTAGE):
-            experience = self.make_experience(rollout, **scores)
+            experience, experience_stats = self.make_experience(rollout, scores)
         train_stats: dict[str, float] = {}
         for phase in self.plan_phases(TRAIN_ROLES):
             with self.phase(phase):
                 train_stats.update(self.train(phase, experience))
         with self.phase(Phase.SYNC):
-            self.sync_weights()
-        self.kl.update(self._metrics["kl/sequence_mean"], len(experience))
+            sync_stats = self.sync_weights()
+        self.kl.update(sequence_kl(experience, self.cfg.algo.kl_estimator), len(experience))
         self.iteration += 1
-        self._metrics.update(self.throughput(rollout, time.perf_counter() - start))
-        return {**self.rollout_stats(rollout, experience), **train_stats, **self._metrics}
+        return {**self.rollout_metrics(rollout, scores), **experience_stats, **train_stats, **sync_stats,
+                **self._phase_times, **self.throughput(rollout, time.perf_counter() - start)}
 
     def plan_phases(self, phases) -> list[Phase]:
         """Those of `phases` that this run's plan has, in iteration order."""
@@ -129,12 +142,13 @@ class PPOTrainer:
         start = time.perf_counter()
         outputs = self.roles.rollout.call_each("generate", [(shard, self._seeded(sampling, rank))
                                                             for rank, shard in enumerate(shards)])
+        seconds = time.perf_counter() - start
         response_ids = torch.cat([o.response_ids for o in outputs])
         response_mask = torch.cat([o.response_mask for o in outputs])
-        self._metrics["rollout/tokens_per_s"] = float(response_mask.sum()) / (time.perf_counter() - start)
         sequences = _assemble(prompts, response_ids, response_mask, self.special.pad_id)
         engine_logprobs = None if any(o.logprobs is None for o in outputs) else torch.cat([o.logprobs for o in outputs])
-        return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask), engine_logprobs)
+        return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask), engine_logprobs,
+                       seconds)
 
     def _seeded(self, sampling: SamplingParams, rank: int) -> SamplingParams:
         if sampling.greedy:
@@ -144,43 +158,46 @@ class PPOTrainer:
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         return decode_responses(self.tokenizer, self.special, response_ids, response_mask)
 
-    def score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def score(self, rollout: Rollout) -> Scores:
         """One model at a time, each on its own shards: old log-probs, ref log-probs, values (with a
         critic), rewards."""
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for phase in self.plan_phases(SCORE_PHASES):
             with self.phase(phase):
                 if phase is Phase.SCORE_REWARD:
-                    out["scores"] = self.sequence_rewards(rollout)
+                    out["reward"] = self.sequence_rewards(rollout)
                 else:
                     role, method, name = SCORE_CALLS[phase]
                     out[name] = self._sharded(getattr(self.roles, role), method, rollout.sequences)
-        return out
+        return Scores(**out)
 
-    def make_experience(self, rollout: Rollout, old_logprobs, ref_logprobs, scores, values=None) -> Experience:
+    def make_experience(self, rollout: Rollout, scores: Scores) -> tuple[Experience, dict[str, float]]:
         """KL-shaped token rewards here; the estimator (GAE through ops.gae, whitening) on the
-        advantage role's ranks, each on its shard of whole groups."""
+        advantage role's ranks, each on its shard of whole groups. Returns the experience and its
+        reward, KL (and critic) metrics."""
         algo, mask = self.cfg.algo, rollout.sequences.action_mask
-        kl = kl_penalty(old_logprobs, ref_logprobs, algo.kl_estimator)
-        rewards = token_rewards(scores, kl if algo.kl_in == KLPlacement.REWARD else None, mask, self.kl.value)
+        kl = kl_penalty(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator)
+        rewards = token_rewards(scores.reward, kl if algo.kl_in == KLPlacement.REWARD else None, mask, self.kl.value)
         group = self.roles.advantage
-        batch = AdvantageBatch(rewards, mask.float(), values)
+        batch = AdvantageBatch(rewards, mask.float(), scores.values)
         outs = group.call_each("advantages", [(shard,) for shard in batch.shard(group.world_size)])
         advantages = torch.cat([o.advantages for o in outs])
-        returns = torch.cat([o.returns for o in outs]) if values is not None else None
-        self._metrics.update(self.reward_stats(scores, rewards, kl, mask))
-        if values is not None:
-            self._metrics.update(critic_stats(values, returns, mask))
-        return Experience.build(rollout.sequences, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                rewards=rewards, advantages=advantages, values=values, returns=returns)
+        returns = torch.cat([o.returns for o in outs]) if scores.values is not None else None
+        experience = Experience.build(rollout.sequences, old_logprobs=scores.old_logprobs,
+                                      ref_logprobs=scores.ref_logprobs, rewards=rewards, advantages=advantages,
+                                      values=scores.values, returns=returns)
+        stats = self.reward_stats(scores.reward, experience, kl)
+        if returns is not None:
+            stats.update(critic_stats(scores.values, returns, mask))
+        return experience, stats
 
-    def reward_stats(self, scores, rewards, kl, mask) -> dict[str, float]:
+    def reward_stats(self, scores: torch.Tensor, experience: Experience, kl: torch.Tensor) -> dict[str, float]:
         """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL."""
-        maskf = mask.float()
+        maskf = experience.sequences.action_mask.float()
         return {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
-                "reward/shaped_mean": float(sequence_scores(rewards, maskf).mean()),
+                "reward/shaped_mean": float(sequence_scores(experience.rewards, maskf).mean()),
                 "kl/mean": float(masked_mean(kl, maskf)),
-                "kl/sequence_mean": float(masked_sum(kl, maskf, dim=-1).mean()),
+                "kl/sequence_mean": sequence_kl(experience, self.cfg.algo.kl_estimator),
                 "kl/coef": self.kl.value}
 
     def train(self, phase: Phase, experience: Experience) -> dict[str, float]:
@@ -190,12 +207,12 @@ class PPOTrainer:
         extra = {"kl_coef": self.kl.value} if role == "actor" else {}
         return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards], **extra))
 
-    def sync_weights(self) -> None:
+    def sync_weights(self) -> dict[str, float]:
         """Actor -> engines, bucket by bucket: actor rank i hands each bucket to the engine worker on
-        GPU i; the driver passes handles only (rollout/sync_driver.py)."""
+        GPU i; the driver passes handles only (rollout/sync_driver.py). Returns the sync's metrics."""
         r = self.cfg.rollout
         stats = sync_weights(self.roles.actor, self.roles.rollout, r.tensor_parallel_size, slots=r.weight_sync_slots)
-        self._metrics.update(stats.metrics())
+        return stats.metrics()
 
     # -- scoring helpers ----------------------------------------------------------------------
     def sequence_rewards(self, rollout: Rollout) -> torch.Tensor:
@@ -238,11 +255,11 @@ class PPOTrainer:
 
     def save_roles(self, directory: str) -> dict[str, float]:
         """Every trained role's DeepSpeed checkpoint, one role resident at a time; returns the timings."""
-        self._metrics = {}
+        self._phase_times = {}
         for phase in self.plan_phases(SAVE_PHASES):  # no SAVE_CRITIC without a critic
             with self.phase(phase):
                 self.roles_of(phase).call("save_checkpoint", f"{directory}/{SAVE_ROLES[phase]}")
-        return {k: v for k, v in self._metrics.items() if k.startswith("time/")}
+        return {k: v for k, v in self._phase_times.items() if k.startswith("time/")}
 
     def load_roles(self, directory: str) -> None:
         """Restore what `save_roles` wrote (resume); the engines need a SYNC afterwards."""
@@ -263,16 +280,24 @@ class PPOTrainer:
         r = self.cfg.rollout
         return SamplingParams(r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
 
-    def rollout_stats(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
+    def log_samples(self, rollout: Rollout, scores: Scores) -> None:
+        if self.samples is not None:
+            self.samples.write(self.iteration + 1, [e.prompt for e in rollout.examples], rollout.responses,
+                               scores.reward.tolist(), [e.label for e in rollout.examples])
+
+    def rollout_metrics(self, rollout: Rollout, scores: Scores) -> dict[str, float]:
+        """The samples' lengths and endings, the engines' speed, and how far the engines' log-probs
+        are from the actor's (when the engines return them)."""
         mask = rollout.sequences.action_mask
         lengths = mask.sum(-1).float()
         ends_in_eos = (is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
         stats = {"rollout/response_tokens": float(lengths.mean()),
                  "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
                  "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
-                 "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean())}
-        if experience.returns is not None:
-            stats["critic/return_mean"] = float(masked_mean(experience.returns, mask.float()))
+                 "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean()),
+                 "rollout/tokens_per_s": float(mask.sum()) / rollout.generate_s}
+        if rollout.engine_logprobs is not None:
+            stats["rollout/logprob_diff_max"] = logprob_diff_max(rollout.engine_logprobs, scores.old_logprobs, mask)
         return stats
 
     def throughput(self, rollout: Rollout, seconds: float) -> dict[str, float]:
@@ -292,10 +317,10 @@ class PPOTrainer:
             err.phase = err.phase or phase.value  # the one place that knows which phase failed
             raise
         if record:
-            self._metrics[f"time/{phase.value}"] = time.perf_counter() - start
-            self._metrics[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
+            self._phase_times[f"time/{phase.value}"] = time.perf_counter() - start
+            self._phase_times[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
             for field, gib in peak_memory(moves).items():
-                self._metrics[f"memory/{phase.value}/{field}"] = gib
+                self._phase_times[f"memory/{phase.value}/{field}"] = gib
 
 
 def decode_responses(tokenizer, special: SpecialTokens, response_ids: torch.Tensor,
@@ -326,10 +351,11 @@ def _assemble(prompts: list[list[int]], response_ids: torch.Tensor, response_mas
 
 def critic_stats(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """The rollout's values against their GAE returns: explained variance 1 − Var(R − V) / Var(R)
-    over response tokens (1: perfect, 0: no better than a constant, < 0: worse)."""
+    over response tokens (1: perfect, 0: no better than a constant, < 0: worse), and the mean return."""
     maskf = mask.float()
     var_returns = masked_mean((returns - masked_mean(returns, maskf)).square(), maskf)
     residual = returns - values
     var_residual = masked_mean((residual - masked_mean(residual, maskf)).square(), maskf)
     explained = 1.0 - var_residual / var_returns if var_returns > 0 else torch.tensor(0.0)
-    return {"critic/value_mean": float(masked_mean(values, maskf)), "critic/explained_variance": float(explained)}
+    return {"critic/value_mean": float(masked_mean(values, maskf)), "critic/explained_variance": float(explained),
+            "critic/return_mean": float(masked_mean(returns, maskf))}
