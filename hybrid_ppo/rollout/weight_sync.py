@@ -15,8 +15,9 @@ worker i on bundle i), and every actor rank holds each bucket in full at some po
 
 Transports, same protocol:
 
-* CUDA: the buffer is a device tensor; the handle carries `reduce_tensor`'s IPC payload, and the
-  engine copies device to device. No host hop. The buffer is freed after every sync.
+* CUDA: the buffer is a device tensor; the handle carries `reduce_tensor`'s IPC payload, made
+  once per buffer (`BucketStager._slot_location` says why that matters), and the engine copies
+  device to device. No host hop. The buffer is freed after every sync.
 * CPU: the buffer is a memfd the actor rank maps; the engine maps it read-only. It is kept
   between syncs: `BucketStager` says why, and why that can't leak.
 
@@ -62,6 +63,7 @@ import pickle
 import re
 import uuid
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
@@ -186,6 +188,10 @@ class BucketStager:
                 self._fds.append(fd)  # recorded first: close() closes it even if mapping fails
                 os.ftruncate(fd, capacity_numel * dtype.itemsize)
                 self._buffers.append(torch.frombuffer(mmap.mmap(fd, capacity_numel * dtype.itemsize), dtype=dtype))
+        self._locations: list[str | bytes | None] = [None] * slots  # made on a slot's first bucket
+        self.shared_handles = 0
+        """How many slot handles this stager has made: the engine must open each exactly once (CUDA
+        IPC counts the opens; see `_slot_location`). A slot no bucket used makes none."""
 
     @property
     def kept_between_syncs(self) -> bool:
@@ -206,18 +212,68 @@ class BucketStager:
             offset += numel
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the engine reads on another stream/process
-            location: str | bytes = _cuda_ipc_payload(buffer)
-        else:
-            location = f"/proc/{os.getpid()}/fd/{self._fds[slot]}"
         return BucketHandle(index, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
                             str(self.dtype).removeprefix("torch."), "cuda_ipc" if self.device.type == "cuda" else "shm",
-                            location, self._names[slot])
+                            self._slot_location(slot), self._names[slot])
+
+    def _slot_location(self, slot: int) -> str | bytes:
+        """Where the engine finds slot `slot`: made once, on the slot's first bucket, and the same
+        bytes sent with every later bucket staged in it.
+
+        On CUDA this is what keeps a sync from leaking its buffer. Every `reduce_tensor` call shares
+        the storage anew (`_share_cuda_`), and each share makes an IPC reference counter set to 1
+        (torch/csrc/CudaIPCTypes.cpp, `GetNewRefCountedSentData`); only a consumer's rebuild of that
+        payload counts it down (torch/multiprocessing/reductions.py, `rebuild_cuda_tensor`:
+        `_release_ipc_counter` on a cache hit, the storage's deleter otherwise). The engine opens
+        each buffer once per sync (`OpenedBuffers`), so one payload per bucket left the counters of
+        buckets 2..n at 1: freed, the buffer went to torch's IPC "limbo" for good, where
+        `empty_cache` cannot reach it (1.05 GB per slot per sync for Llama-3.1-8B's embedding).
+        One payload per slot, one open per slot: every counter reaches 0 when the engine closes."""
+        location = self._locations[slot]
+        if location is None:
+            if self.device.type == "cuda":
+                location = _cuda_ipc_payload(self._buffers[slot])
+                _IN_PROCESS[self._names[slot]] = self._buffers[slot]
+            else:
+                location = f"/proc/{os.getpid()}/fd/{self._fds[slot]}"
+            self._locations[slot] = location
+            self.shared_handles += 1
+        return location
 
     def close(self) -> None:
         self._buffers.clear()  # the mapping ends with its last view
+        self._locations = [None] * len(self._locations)
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        if self.device.type == "cuda":
+            release_ipc_memory()
+
+
+def release_ipc_memory() -> None:
+    """After the engines closed a sync's buffers: free the blocks torch parked while an engine still
+    held them (`ipc_collect`: blocks whose IPC counter has reached 0), then return the cache to the
+    driver so the next phase's role can use it. verl's colocated sync does the same (one
+    `reduce_tensor` per buffer, then `torch.cuda.ipc_collect()`)."""
+    torch.cuda.ipc_collect()
+    torch.cuda.empty_cache()
+
+
+_IN_PROCESS: "weakref.WeakValueDictionary[str, Tensor]" = weakref.WeakValueDictionary()
+"""This process's CUDA staging buffers by name, for an engine in the same process (the local
+executor): CUDA IPC is for other processes, so such an engine uses the tensor itself."""
+
+# rebuild_cuda_tensor's arguments (torch/multiprocessing/reductions.py) that name the IPC counter
+_STORAGE_CLS, _STORAGE_DEVICE, _REF_COUNTER_HANDLE, _REF_COUNTER_OFFSET = 4, 6, 11, 12
+
+
+def _open_own_buffer(buffer: Tensor, args: Sequence[Any]) -> Tensor:
+    """An engine in the actor's own process opens the buffer: the tensor itself, and the payload's
+    IPC counter released, as torch's `rebuild_cuda_tensor` does when the storage is already in
+    this process (its cache-hit branch), so the buffer is freed like any other when the sync ends."""
+    args[_STORAGE_CLS]._release_ipc_counter(args[_REF_COUNTER_HANDLE], args[_REF_COUNTER_OFFSET],
+                                            device=args[_STORAGE_DEVICE])
+    return buffer
 
 
 def _cuda_ipc_payload(buffer: Tensor) -> bytes:
@@ -238,6 +294,7 @@ class OpenedBuffers:
     def __init__(self, device: torch.device | None = None):
         self.device = device
         self._flat: dict[str, Tensor] = {}
+        self.opened = 0  # buffers opened, over this object's life: one per staged slot per sync
 
     @contextmanager
     def bucket(self, handle: BucketHandle) -> Iterator[list[tuple[str, Tensor]]]:
@@ -248,6 +305,7 @@ class OpenedBuffers:
         flat = self._flat.get(handle.buffer)
         if flat is None:
             flat = self._flat[handle.buffer] = self._open(handle)
+            self.opened += 1
         try:
             yield list(unpack(flat[:handle.numel], handle.names, handle.shapes))
         except BaseException:
@@ -279,6 +337,9 @@ class OpenedBuffers:
                 return torch.frombuffer(region, dtype=handle.torch_dtype)  # keeps `region` mapped
         if handle.transport == "cuda_ipc":
             rebuild, args = pickle.loads(handle.location)
+            own = _IN_PROCESS.get(handle.buffer)
+            if own is not None:
+                return _open_own_buffer(own, args)
             args = list(args)
             args[6] = (self.device or torch.device("cuda", torch.cuda.current_device())).index  # receiver's own index
             return rebuild(*args)
