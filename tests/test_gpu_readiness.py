@@ -54,3 +54,67 @@ def test_the_cpu_platform_keeps_the_environment_and_the_mp_backend(monkeypatch):
     assert vllm_engine._placement_kwargs(cfg, cuda)["distributed_executor_backend"] == "mp"
     with vllm_engine._gpus_visible_to_ray_workers(cfg, cuda):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_resetting_the_peak_leaves_a_process_without_cuda_without_a_context(monkeypatch):
+    """A rollout actor sees its GPU but never initialises CUDA itself (vLLM's processes do the
+    work): a memory reading there must not create a CUDA context."""
+    from hybrid_ppo.memory import profiler
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def initialises_cuda(*_args):
+        raise AssertionError("reset_peak_memory_stats initialises CUDA")
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", initialises_cuda)
+    profiler.reset_peak()
+    profiler.release_cached_memory()  # torch's empty_cache returns early without CUDA initialised
+
+
+class VLLMWorkerStandIn:
+    """Stand-in for vLLM's Worker (it cannot be built without vLLM): the attributes the extension
+    uses, with a `reload_weights` that records where a tensor created inside it would live."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.created_on = device, []
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format):
+        list(weights_iterator)
+        self.created_on.append(torch.empty(1).device)  # as materialize_meta_tensor allocates: no device
+
+
+def test_reload_builds_layers_on_the_workers_device():
+    from safetensors.torch import save
+
+    from hybrid_ppo.rollout.vllm_worker import WeightSyncExtension
+
+    worker = VLLMWorkerStandIn(torch.device("meta"))  # a device other than the default, as cuda:0 is
+    WeightSyncExtension.hppo_load_tensors(worker, save({"w": torch.ones(2)}))
+    worker._hppo_held = [("w", torch.ones(2))]
+    WeightSyncExtension.hppo_finish_sync(worker)
+    assert worker.created_on == [torch.device("meta")] * 2
+    assert torch.empty(1).device == torch.device("cpu")  # the default device is back after each
+
+
+def test_finishing_a_sync_collects_the_reloads_garbage(monkeypatch):
+    import gc
+    import weakref
+
+    from hybrid_ppo.rollout.vllm_worker import WeightSyncExtension
+
+    class Node:
+        pass
+
+    worker = VLLMWorkerStandIn(torch.device("cpu"))
+    cycle = Node()
+    cycle.self, cycle.tensor = cycle, torch.ones(1024)  # a cycle, as reload temporaries make
+    alive = weakref.ref(cycle.tensor)
+    del cycle
+    gc.disable()  # only the sync's own collection may free it
+    try:
+        assert alive() is not None
+        WeightSyncExtension.hppo_finish_sync(worker)
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -17,6 +17,7 @@ each bucket is copied and held, and the whole model is applied at the end of the
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -51,7 +52,7 @@ class WeightSyncExtension:
             self._hppo_buffers = OpenedBuffers(_cuda_device(self))
         with self._hppo_buffers.bucket(handle) as named:
             if vllm_version() >= PARTIAL_RELOAD_SINCE:
-                with _quiet_partial_reload():
+                with _quiet_partial_reload(), _on_worker_device(self):
                     self.reload_weights(weights_iterator=named, is_checkpoint_format=True)
             else:  # hold a copy: the actor overwrites the buffer once this call returns
                 held = getattr(self, "_hppo_held", [])
@@ -63,7 +64,7 @@ class WeightSyncExtension:
         """Whole layers as safetensors bytes, from tensors the engine's own process held."""
         from safetensors.torch import load
 
-        with _quiet_partial_reload():
+        with _quiet_partial_reload(), _on_worker_device(self):
             self.reload_weights(weights_iterator=list(load(blob).items()), is_checkpoint_format=True)
 
     def hppo_refresh_tied_head(self) -> None:
@@ -89,8 +90,33 @@ class WeightSyncExtension:
             buffers.close()
         held = getattr(self, "_hppo_held", None)
         if held:
-            self.reload_weights(weights_iterator=held, is_checkpoint_format=True)
+            with _on_worker_device(self):
+                self.reload_weights(weights_iterator=held, is_checkpoint_format=True)
         self._hppo_held = []
+        release_reload_temporaries(self)
+
+
+def release_reload_temporaries(worker) -> None:
+    """The reload's temporaries (each layer rebuilt, then its kernel tensors swapped in) are garbage
+    once the sync is over, but cycles keep some alive and torch's cache keeps their blocks: free
+    both before the KV cache wakes into that memory."""
+    gc.collect()
+    if _cuda_device(worker) is not None:
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def _on_worker_device(worker) -> Iterator[None]:
+    """vLLM's layer-wise reload rebuilds each layer from meta tensors with no device of their own
+    (vllm/model_executor/model_loader/reload/meta.py, `materialize_meta_tensor`: "should be called
+    within the torch device context"), so outside one each layer was built on the CPU and copied to
+    the GPU on every sync. Inside the worker's device they are built where they live."""
+    device = getattr(worker, "device", None)
+    if not isinstance(device, torch.device):
+        yield
+        return
+    with device:
+        yield
 
 
 def _cuda_device(worker) -> torch.device | None:
