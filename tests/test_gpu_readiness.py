@@ -11,6 +11,7 @@ import torch
 
 from hybrid_ppo.config import load_config
 from hybrid_ppo.rollout import vllm_engine
+from hybrid_ppo.rollout.weight_sync import BucketStager
 
 
 class CudaPlatformStandIn:
@@ -118,3 +119,26 @@ def test_finishing_a_sync_collects_the_reloads_garbage(monkeypatch):
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_a_tp_worker_takes_the_handle_staged_on_its_own_device_whatever_the_order(monkeypatch):
+    """Ray need not give a TP engine's workers its bundles' GPUs in order (ray#51117): TP rank 0
+    may sit on the second bundle's GPU. Each worker matches its own device, on CPU by bundle."""
+    from hybrid_ppo.rollout.vllm_worker import worker_device_key
+    from hybrid_ppo.rollout.weight_sync import WeightSyncError, device_key, handle_for
+
+    stagers = [BucketStager(torch.device("cpu"), torch.float32, 4, 1, device_key(torch.device("cpu"), b))
+               for b in (2, 3)]  # actor ranks 2 and 3, on bundles 2 and 3
+    try:
+        handles = [s.stage(0, [("w", torch.zeros(4))]) for s in stagers]
+        monkeypatch.setenv("VLLM_RAY_BUNDLE_INDICES", "3,2")  # this engine's TP rank 0 on bundle 3
+        worker = VLLMWorkerStandIn(torch.device("cpu"))
+        assert [handle_for(handles, worker_device_key(worker, r), r).device_key for r in (0, 1)] == ["bundle-3", "bundle-2"]
+        with pytest.raises(WeightSyncError, match="no handle was staged on this worker's device bundle-7"):
+            handle_for(handles, "bundle-7", 0)
+        stagers.append(BucketStager(torch.device("cpu"), torch.float32, 4, 2))  # no key: built outside the executor
+        unkeyed = [stagers[-1].stage(k, [("w", torch.zeros(4))]) for k in range(2)]
+        assert handle_for(unkeyed, "bundle-3", 1) is unkeyed[1]  # no keys at all: by position
+    finally:
+        for s in stagers:
+            s.close()

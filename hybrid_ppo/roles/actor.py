@@ -16,7 +16,7 @@ from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
 from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
 from hybrid_ppo.roles.models import load_causal_lm
 from hybrid_ppo.roles.trained import TrainedRole
-from hybrid_ppo.rollout.weight_sync import BucketHandle, BucketStager, bucket_plan
+from hybrid_ppo.rollout.weight_sync import BucketHandle, BucketStager, bucket_plan, device_key
 
 
 class Actor(TrainedRole):
@@ -26,6 +26,7 @@ class Actor(TrainedRole):
         self.model_path = model_path
         self._buckets: list[list[tuple[str, Tensor]]] | None = None  # the sync in progress, bucket by bucket
         self._stager: BucketStager | None = None  # its staging buffers
+        self._bundle = dist.bundles[0] if dist.bundles else None  # names its GPU on CPU (weight_sync.device_key)
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
         self.ptx = self._ptx_batches() if cfg.algo.ptx_coef > 0 else None
 
@@ -98,7 +99,7 @@ class Actor(TrainedRole):
         self.end_weight_sync()  # a previous sync that failed half-way leaves nothing behind
         if self._stager is None or not self._stager.fits(self.device, dtype, capacity, slots):
             self._close_stager()
-            self._stager = BucketStager(self.device, dtype, capacity, slots)
+            self._stager = BucketStager(self.device, dtype, capacity, slots, device_key(self.device, self._bundle))
         self._buckets = [[named[i] for i in bucket] for bucket in plan]
         return len(plan)
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
-from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers
+from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, device_key, handle_for
+
+BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"  # set by the executor for a TP>1 engine (ray_executor.rank_specs)
 
 PARTIAL_RELOAD_SINCE = (0, 32)
 """The oldest vLLM whose in-place reload keeps the layers a call leaves out (checked by tests)."""
@@ -47,7 +50,8 @@ class WeightSyncExtension:
         """Open this TP rank's handle and load it; returns the bytes read. Return = ack."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        handle = BucketHandle.from_wire(handles[get_tensor_model_parallel_rank()])
+        rank = get_tensor_model_parallel_rank()
+        handle = handle_for([BucketHandle.from_wire(h) for h in handles], worker_device_key(self, rank), rank)
         if getattr(self, "_hppo_buffers", None) is None:
             self._hppo_buffers = OpenedBuffers(_cuda_device(self))
         with self._hppo_buffers.bucket(handle) as named:
@@ -117,6 +121,16 @@ def _on_worker_device(worker) -> Iterator[None]:
         return
     with device:
         yield
+
+
+def worker_device_key(worker, tp_rank: int) -> str:
+    """This worker's `weight_sync.device_key`: its GPU's UUID on CUDA; on CPU the bundle the executor
+    gave its TP rank (VLLM_RAY_BUNDLE_INDICES, inherited from the engine's actor), "" without one."""
+    device = _cuda_device(worker)
+    if device is not None:
+        return device_key(device, None)
+    bundles = [b for b in os.environ.get(BUNDLE_INDICES_ENV, "").split(",") if b.strip()]
+    return device_key(torch.device("cpu"), int(bundles[tp_rank]) if tp_rank < len(bundles) else None)
 
 
 def _cuda_device(worker) -> torch.device | None:

@@ -125,6 +125,7 @@ class BucketHandle:
     transport: str  # "shm" or "cuda_ipc"
     location: str | bytes  # shm: /proc/<actor pid>/fd/<memfd>; cuda_ipc: pickled reduce_tensor() payload
     buffer: str  # the staging buffer's unique name: the bucket's bytes start at its offset 0
+    device_key: str = ""  # the staging rank's GPU (its UUID; on CPU its bundle): `device_key()`
 
     @property
     def numel(self) -> int:
@@ -141,17 +142,43 @@ class BucketHandle:
     def to_wire(self) -> dict[str, Any]:
         """Plain types only, for vLLM's msgpack RPC to its worker processes."""
         return {"index": self.index, "names": list(self.names), "shapes": [list(s) for s in self.shapes],
-                "dtype": self.dtype, "transport": self.transport, "location": self.location, "buffer": self.buffer}
+                "dtype": self.dtype, "transport": self.transport, "location": self.location, "buffer": self.buffer,
+                "device_key": self.device_key}
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> BucketHandle:
         return cls(int(wire["index"]), tuple(wire["names"]), tuple(tuple(s) for s in wire["shapes"]),
-                   wire["dtype"], wire["transport"], wire["location"], wire["buffer"])
+                   wire["dtype"], wire["transport"], wire["location"], wire["buffer"], wire.get("device_key", ""))
 
     def describe(self) -> str:
         """`bucket 3 (model.layers.2.self_attn.q_proj.weight .. model.layers.2.mlp.down_proj.weight, 0.2 MiB)`:
         numbered from 1, as a person counts."""
         return f"bucket {self.index + 1} ({self.names[0]} .. {self.names[-1]}, {self.nbytes / 2**20:.1f} MiB)"
+
+
+# -- which handle is whose -----------------------------------------------------------------------
+def device_key(device: torch.device, bundle: int | None) -> str:
+    """What names a GPU the same way in every process: its UUID on CUDA (device indices differ with
+    each process's CUDA_VISIBLE_DEVICES), as OpenRLHF (`get_physical_gpu_id`) and verl
+    (`get_device_uuid`) key their IPC handles. On CPU, the placement bundle stands for the GPU, so
+    the same matching runs in the CPU tests; "" where neither is known (one engine worker)."""
+    if device.type == "cuda":
+        return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+    return "" if bundle is None else f"bundle-{bundle}"
+
+
+def handle_for(handles: Sequence[BucketHandle], key: str, position: int) -> BucketHandle:
+    """The handle staged on this worker's GPU. Matching by position (TP rank j takes the j-th
+    handle) holds only if Ray gives a TP engine's workers its bundles' GPUs in bundle order, which
+    it does not promise (ray#51117); so match by `device_key`. By position only where no handle
+    carries a key (an engine built outside the executor, as in tests), or there is just one."""
+    if len(handles) == 1 or not any(h.device_key for h in handles):
+        return handles[position]
+    for handle in handles:
+        if handle.device_key == key:
+            return handle
+    raise WeightSyncError(f"{handles[0].describe()}: no handle was staged on this worker's device {key or '(unknown)'}; "
+                          f"staged on: {', '.join(h.device_key for h in handles)}")
 
 
 # -- the actor side -----------------------------------------------------------------------------
@@ -174,8 +201,9 @@ class BucketStager:
       /proc/<actor pid>/fd/<fd>, open it for one sync, and check its name on opening.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int):
-        self.device, self.dtype, self.capacity_numel = device, dtype, capacity_numel
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int,
+                 device_key: str = ""):
+        self.device, self.dtype, self.capacity_numel, self.device_key = device, dtype, capacity_numel, device_key
         token = uuid.uuid4().hex[:8]
         self._names = [f"{SHM_PREFIX}{os.getpid()}-{slot}-{token}" for slot in range(slots)]
         self._fds: list[int] = []
@@ -214,7 +242,7 @@ class BucketStager:
             torch.cuda.current_stream().synchronize()  # the engine reads on another stream/process
         return BucketHandle(index, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
                             str(self.dtype).removeprefix("torch."), "cuda_ipc" if self.device.type == "cuda" else "shm",
-                            self._slot_location(slot), self._names[slot])
+                            self._slot_location(slot), self._names[slot], self.device_key)
 
     def _slot_location(self, slot: int) -> str | bytes:
         """Where the engine finds slot `slot`: made once, on the slot's first bucket, and the same
