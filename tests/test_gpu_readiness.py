@@ -142,3 +142,24 @@ def test_a_tp_worker_takes_the_handle_staged_on_its_own_device_whatever_the_orde
     finally:
         for s in stagers:
             s.close()
+
+
+def test_the_shared_memory_barrier_runs_on_gloo_only(monkeypatch, tmp_path):
+    """The barrier is for DeepSpeed's CPU all-reduce segments; on NCCL it would create a
+    communicator the reference and reward roles never use (~256 MiB per rank)."""
+    import torch.distributed as torch_dist
+
+    from hybrid_ppo.executor import DistInfo
+    from hybrid_ppo.roles import common
+
+    def barrier():
+        raise AssertionError("barrier on NCCL")
+
+    monkeypatch.setattr(torch_dist, "get_backend", lambda *_: "nccl")
+    monkeypatch.setattr(torch_dist, "barrier", barrier)
+    common._unlink_deepspeed_shm(DistInfo(0, 2, "127.0.0.1", 29500))
+    calls = []
+    monkeypatch.setattr(torch_dist, "get_backend", lambda *_: "gloo")
+    monkeypatch.setattr(torch_dist, "barrier", lambda: calls.append(1))
+    common._unlink_deepspeed_shm(DistInfo(0, 2, "127.0.0.1", 29500))
+    assert calls == [1]

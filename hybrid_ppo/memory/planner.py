@@ -37,6 +37,7 @@ ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in e
 ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
 CUDA_CONTEXT_BYTES = 512 << 20  # one CUDA context + cuBLAS workspace per process: ~0.5 GiB on H100 (typical; gpu_check measures)
 NCCL_COMMUNICATOR_BYTES = 256 << 20  # NCCL_BUFFSIZE 4 MiB x 2 directions x up to 32 channels per communicator
+# (without NVLS, which roles/common.py turns off: it would add ~288 MiB per rank on H100/H200, vllm#9699)
 PROCESS_HOST_BYTES = 1 << 30  # pageable host memory of one role process (torch + libraries; ~0.5 GiB measured on CPU)
 UTILIZATION_STEP = 0.01  # resolution of the largest gpu_memory_utilization reported
 
