@@ -163,3 +163,28 @@ def test_the_shared_memory_barrier_runs_on_gloo_only(monkeypatch, tmp_path):
     monkeypatch.setattr(torch_dist, "barrier", lambda: calls.append(1))
     common._unlink_deepspeed_shm(DistInfo(0, 2, "127.0.0.1", 29500))
     assert calls == [1]
+
+
+def test_pinned_blocks_are_counted_as_the_host_allocator_rounds_them():
+    from hybrid_ppo.memory.planner import pinned_block_bytes
+
+    assert [pinned_block_bytes(n) for n in (0, 1, 4096, 4097)] == [0, 1, 4096, 8192]
+    assert pinned_block_bytes(128_256 * 4096 * 2) == 1 << 30  # Llama-3.1-8B's embedding, 1.05 GB < 1 GiB
+    assert pinned_block_bytes(152_064 * 3584 * 2) == 2 << 30  # Qwen2.5-7B's, 1.09 GB > 1 GiB: pins 2 GiB
+
+
+def test_a_frozen_role_offloads_into_one_host_buffer_and_comes_back_whole():
+    """One block per role is what the planner counts (`pinned_block_bytes` of the role's bytes)."""
+    from hybrid_ppo.memory.plan import State
+    from hybrid_ppo.memory.residency import ModuleResidency
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5)).to(torch.bfloat16)
+    module.register_buffer("steps", torch.arange(3))  # an int64 buffer after bf16 ones: alignment
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    residency = ModuleResidency(module, torch.device("cpu"))
+    residency.offload(frozenset({State.WEIGHTS}))
+    storages = {t.untyped_storage().data_ptr() for t in residency._host.values()}
+    assert len(storages) == 1 and all(p.numel() == 0 for p in module.parameters())
+    residency.reload(frozenset({State.WEIGHTS}))
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -347,15 +347,25 @@ def _estimate(plan: Mapping[Phase, Residency], shapes: dict[Role, ModelShape], s
     return result
 
 
+def pinned_block_bytes(nbytes: int) -> int:
+    """What a pinned host block of `nbytes` really takes: torch's caching host allocator rounds every
+    block up to a power of two (aten/src/ATen/core/CachingHostAllocator.h, `PowerOf2Ceil` in
+    `allocate`), so Qwen2.5-7B's 1.09 GB embedding pins 2 GiB. Each component below is one flat block: a
+    DeepSpeed flat buffer (its offload_states pins each with `pin_memory()`), a frozen role's one
+    host buffer (memory/residency.py `ModuleResidency`), and Adam's two moments (two blocks of half
+    the size round to the same total)."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
 def _host_copy(role: Role, state: State, components: dict[str, int], s: Setting) -> int:
-    """Bytes an offloaded state occupies in pinned host memory, per rank."""
+    """Bytes an offloaded state occupies in pinned host memory, per rank, as pinned blocks."""
     if role == Role.ROLLOUT:
         # vLLM sleep level 1 copies the weights to pinned host memory and discards the KV cache;
         # level 2 discards both (the next SYNC refills the weights). One engine per TP ranks.
-        return components.get("weights", 0) if s.sleep_level == 1 and state == State.WEIGHTS else 0
-    if state == State.TRAIN_STATE:
-        return sum(v for k, v in components.items() if k != "contiguous_grad_buffer")  # the bucket is freed, not copied
-    return sum(components.values())  # DeepSpeed offload_states / ModuleResidency: pinned full copies per rank
+        return pinned_block_bytes(components.get("weights", 0)) if s.sleep_level == 1 and state == State.WEIGHTS else 0
+    if state == State.TRAIN_STATE:  # the grad bucket is freed, not copied
+        return sum(pinned_block_bytes(v) for k, v in components.items() if k != "contiguous_grad_buffer")
+    return sum(pinned_block_bytes(v) for v in components.values())  # pinned full copies per rank
 
 
 def _largest_micro_batch(cfg: Config, plan, shapes, s: Setting, host_bytes: int) -> int | None:
