@@ -20,12 +20,12 @@ import ray
 import torch
 
 from hybrid_ppo.algo.experience import Experience, Sequences
-from hybrid_ppo.config import load_config
+from hybrid_ppo.config import ConfigError, load_config
 from hybrid_ppo.rollout.engine import SamplingParams
 from hybrid_ppo.rollout.hf_engine import HFEngine
-from hybrid_ppo.rollout.sync_driver import sync_weights
+from hybrid_ppo.rollout.sync_driver import choose_transport, sync_weights
 from hybrid_ppo.rollout.weight_sync import (BucketHandle, BucketStager, OpenedBuffers, WeightSyncError, bucket_plan, layer_key,
-                                            opened_bucket, staging_mappings)
+                                            opened_bucket, probe_opened, probe_tensor, staging_mappings)
 from hybrid_ppo.rollout.worker import RolloutWorker
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
@@ -116,6 +116,32 @@ def test_every_slot_handle_made_is_opened_once_per_sync(buckets, slots):
         stager.close()
 
 
+def test_a_probe_opens_when_the_transport_works_and_says_why_when_not():
+    stager = BucketStager(torch.device("cpu"), torch.float32, 16, 1)
+    try:
+        assert probe_opened(stager.stage(0, [("probe", probe_tensor())])) is None
+        assert probe_opened(stager.stage(0, [("probe", probe_tensor() + 1)])) == "the probe bucket read back different values"
+        gone = stager.stage(0, [("probe", probe_tensor())])
+    finally:
+        stager.close()
+    assert probe_opened(gone).startswith("FileNotFoundError: bucket 1 (probe .. probe, 0.0 MiB): staging buffer")
+
+
+@pytest.mark.gpu
+def test_the_host_transport_on_cuda_stages_in_host_memory_and_loads_to_the_device():
+    """`rollout.weight_sync_transport=host`: the CPU path's code, with device tensors on both ends."""
+    stager = BucketStager(torch.device("cuda"), torch.bfloat16, 4096, 1, on_host=True)
+    try:
+        named = [("a", torch.randn(64, 32, device="cuda"))]
+        handle = stager.stage(0, named)
+        assert handle.transport == "shm" and stager.kept_between_syncs
+        with opened_bucket(handle, torch.device("cuda", 0)) as got:
+            assert torch.equal(got[0][1].to("cuda"), named[0][1].to(torch.bfloat16))
+        del got
+    finally:
+        stager.close()
+
+
 # -- the whole protocol under Ray -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint():
@@ -193,7 +219,10 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
         rollout = executor.spawn("rollout", RolloutWorker, path)
         actor = executor.spawn("actor", Actor, path)
 
-        stats = sync_weights(actor, rollout, tp, bucket_bytes=BUCKET_BYTES)
+        assert choose_transport(actor, rollout, "auto", tp) == "host"  # no CUDA here: host, as the trainer decides
+        with pytest.raises(ConfigError, match="weight_sync_transport.*not on CUDA"):
+            choose_transport(actor, rollout, "cuda_ipc", tp)
+        stats = sync_weights(actor, rollout, tp, bucket_bytes=BUCKET_BYTES, transport="host")
         assert stats.buckets >= 3 and stats.bytes_per_engine % BUCKET_BYTES != 0
         actor_pids = set(ray.get([h.__ray_call__.remote(_pid) for h in actor.members]))
         assert set(staging_mappings()) == actor_pids  # the engines closed them; the actor ranks keep them

@@ -145,6 +145,11 @@ class VLLMEngine:
         self.llm.collective_rpc("hppo_load_bucket", args=([h.to_wire() for h in handles],))
         self._arrived.update(handles[0].names)
 
+    def probe_bucket(self, handles: list[BucketHandle]) -> str | None:
+        """Every worker opens the probe handle of its own GPU; the first failure, if any."""
+        failures = self.llm.collective_rpc("hppo_probe_bucket", args=([h.to_wire() for h in handles],))
+        return next((f for f in failures if f), None)
+
     def finish_weight_sync(self) -> None:
         """The sync is complete: check nothing is missing, apply what an old vLLM held, drop the
         prefix cache (computed with the old weights)."""

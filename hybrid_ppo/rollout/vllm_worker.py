@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, device_key, handle_for
+from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, device_key, handle_for, probe_opened
 
 BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"  # set by the executor for a TP>1 engine (ray_executor.rank_specs)
 
@@ -63,6 +63,14 @@ class WeightSyncExtension:
                 held.extend((name, tensor.clone()) for name, tensor in named)
                 self._hppo_held = held
         return handle.nbytes
+
+    def hppo_probe_bucket(self, handles: list[dict[str, Any]]) -> str | None:
+        """Open this worker's probe handle (`sync_driver.choose_transport`): None, or why it failed."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank()
+        handle = handle_for([BucketHandle.from_wire(h) for h in handles], worker_device_key(self, rank), rank)
+        return probe_opened(handle, _cuda_device(self))
 
     def hppo_load_tensors(self, blob: bytes) -> None:
         """Whole layers as safetensors bytes, from tensors the engine's own process held."""

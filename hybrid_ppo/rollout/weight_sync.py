@@ -202,14 +202,17 @@ class BucketStager:
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int,
-                 device_key: str = ""):
+                 device_key: str = "", on_host: bool = False):
         self.device, self.dtype, self.capacity_numel, self.device_key = device, dtype, capacity_numel, device_key
+        self.on_host = on_host or device.type != "cuda"
+        """Host memfd buffers: always on CPU; on CUDA the `host` transport (rollout.weight_sync_transport),
+        the same code as on CPU, the copies going device -> host here and host -> device in the engine."""
         token = uuid.uuid4().hex[:8]
         self._names = [f"{SHM_PREFIX}{os.getpid()}-{slot}-{token}" for slot in range(slots)]
         self._fds: list[int] = []
         self._buffers: list[Tensor] = []
         for name in self._names:
-            if device.type == "cuda":
+            if not self.on_host:
                 self._buffers.append(torch.empty(capacity_numel, dtype=dtype, device=device))
             else:
                 fd = os.memfd_create(name, os.MFD_CLOEXEC)
@@ -223,12 +226,13 @@ class BucketStager:
 
     @property
     def kept_between_syncs(self) -> bool:
-        return self.device.type != "cuda"
+        return self.on_host
 
-    def fits(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int) -> bool:
+    def fits(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int,
+             on_host: bool = False) -> bool:
         """Whether this stager can serve a sync that needs these buffers (it is reused if so)."""
         return (bool(self._buffers) and (self.device, self.dtype, len(self._buffers)) == (device, dtype, slots)
-                and capacity_numel <= self.capacity_numel)
+                and self.on_host == (on_host or device.type != "cuda") and capacity_numel <= self.capacity_numel)
 
     def stage(self, index: int, named: Sequence[tuple[str, Tensor]]) -> BucketHandle:
         """Copy (and cast) `named` full tensors into slot index % slots; return its handle."""
@@ -241,7 +245,7 @@ class BucketStager:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the engine reads on another stream/process
         return BucketHandle(index, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
-                            str(self.dtype).removeprefix("torch."), "cuda_ipc" if self.device.type == "cuda" else "shm",
+                            str(self.dtype).removeprefix("torch."), "shm" if self.on_host else "cuda_ipc",
                             self._slot_location(slot), self._names[slot], self.device_key)
 
     def _slot_location(self, slot: int) -> str | bytes:
@@ -259,7 +263,7 @@ class BucketStager:
         One payload per slot, one open per slot: every counter reaches 0 when the engine closes."""
         location = self._locations[slot]
         if location is None:
-            if self.device.type == "cuda":
+            if not self.on_host:
                 location = _cuda_ipc_payload(self._buffers[slot])
                 _IN_PROCESS[self._names[slot]] = self._buffers[slot]
             else:
@@ -274,7 +278,7 @@ class BucketStager:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        if self.device.type == "cuda":
+        if not self.on_host:
             release_ipc_memory()
 
 
@@ -375,6 +379,26 @@ class OpenedBuffers:
 
     def close(self) -> None:
         self._flat.clear()
+
+
+PROBE_NAME = "hppo.transport_probe"
+
+
+def probe_tensor() -> Tensor:
+    """What an actor rank stages to learn whether its engines can open its handles (`probe_opened`)."""
+    return torch.arange(16, dtype=torch.float32)
+
+
+def probe_opened(handle: BucketHandle, device: torch.device | None = None) -> str | None:
+    """Open a probe handle as a sync would; None if it opened and read back right, else why not
+    (the first line of the error, e.g. CUDA's refusal to open an IPC handle in a container)."""
+    try:
+        with opened_bucket(handle, device) as named:
+            if not torch.equal(named[0][1].float().cpu(), probe_tensor()):
+                return "the probe bucket read back different values"
+    except Exception as err:  # noqa: BLE001 - reported as the reason to fall back, not raised
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
 
 
 @contextmanager
