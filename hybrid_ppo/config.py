@@ -47,6 +47,12 @@ class EngineKind(str, Enum):
     VLLM = "vllm"
 
 
+class SyncTransport(str, Enum):
+    AUTO = "auto"  # CUDA IPC if a probe at the start opens in every engine, else host (one log line says why)
+    CUDA_IPC = "cuda_ipc"  # device buffers shared by IPC handle: no host hop (needs --ipc=host or CAP_SYS_PTRACE in many containers)
+    HOST = "host"  # each bucket staged in the actor rank's host memfd buffer; engines copy host -> device
+
+
 class KLPlacement(str, Enum):
     REWARD = "reward"  # -kl_coef * KL folded into the per-token reward (InstructGPT)
     LOSS = "loss"  # kl_coef * KL added to the policy loss (GRPO-style)
@@ -181,6 +187,8 @@ class RolloutConfig(_Section):
     """Actor -> engine weights travel in buckets of whole layers of at most this many MiB (a bigger layer goes alone)."""
     weight_sync_slots: int = 1
     """Staging buffers per actor rank: 2 gathers bucket k+1 while the engines load bucket k (one more bucket of memory)."""
+    weight_sync_transport: SyncTransport = SyncTransport.AUTO
+    """How buckets reach the engines: `auto` (CUDA IPC, else host), `cuda_ipc`, or `host` (containers without CUDA IPC)."""
     enable_prefix_caching: bool = False
     """vLLM: reuse the KV blocks of shared prompt prefixes (samples_per_prompt > 1); reset after every sync."""
     enforce_eager: bool = False

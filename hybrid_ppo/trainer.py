@@ -32,7 +32,7 @@ from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.roles.reward import RuleReward
 from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, logprob_diff_max, sampling_seed
-from hybrid_ppo.rollout.sync_driver import sync_weights
+from hybrid_ppo.rollout.sync_driver import choose_transport, sync_weights
 from hybrid_ppo.samples import SampleLog
 from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
 from hybrid_ppo.stopping import check_abandoned
@@ -107,6 +107,7 @@ class PPOTrainer:
         self.special = special or special_tokens_from(None, None, tokenizer, where="tokenizer")
         self.iteration = 0
         self._phase_times: dict[str, float] = {}  # what `phase()` measured since the last step or save
+        self._sync_transport: str | None = None  # rollout.weight_sync_transport, resolved at the first sync
         self.kl = KLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.eval_is_accuracy = rule_reward is not None
         """Whether eval/reward_mean is an accuracy: a rule reward that has only ever given 0 or 1."""
@@ -211,7 +212,11 @@ class PPOTrainer:
         """Actor -> engines, bucket by bucket: actor rank i hands each bucket to the engine worker on
         GPU i; the driver passes handles only (rollout/sync_driver.py). Returns the sync's metrics."""
         r = self.cfg.rollout
-        stats = sync_weights(self.roles.actor, self.roles.rollout, r.tensor_parallel_size, slots=r.weight_sync_slots)
+        if self._sync_transport is None:  # decided once, before the first sync
+            self._sync_transport = choose_transport(self.roles.actor, self.roles.rollout, r.weight_sync_transport.value,
+                                                    r.tensor_parallel_size)
+        stats = sync_weights(self.roles.actor, self.roles.rollout, r.tensor_parallel_size, slots=r.weight_sync_slots,
+                             transport=self._sync_transport)
         return stats.metrics()
 
     # -- scoring helpers ----------------------------------------------------------------------

@@ -7,7 +7,8 @@
 * each wheel installs on the image's CPython 3.12, x86_64 Linux;
 * every requirement of every wheel (as evaluated on that Python) is met by another wheel in the
   bundle, with a matching version, or is a package the image has (KINDS.md's list, below);
-* the bundle fits in what the device tool carries (64 MiB).
+* the bundle fits in the parts the device tool carries, one per command (`PART_LIMIT_BYTES`, in
+  .gpu_bundle/<k>/: make_gpu_bundle.sh cuts them).
 Prints one line per problem and exits 1 if there is any.
 """
 
@@ -22,14 +23,16 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 NEEDED = {"deepspeed", "omegaconf", "hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-          "typing-extensions"}
+          "typing-extensions", "ray"}
 IMAGE_HAS = {  # /work/.library/device/KINDS.md, the 'cuda' image's package list (the ones our wheels ask for)
     "torch", "triton", "transformers", "numpy", "packaging", "psutil", "py-cpuinfo", "msgpack", "ninja", "einops",
-    "tqdm", "pyyaml", "matplotlib", "rich", "nvidia-ml-py", "pytest", "accelerate", "safetensors", "tokenizers"}
+    "tqdm", "pyyaml", "matplotlib", "rich", "nvidia-ml-py", "pytest", "accelerate", "safetensors", "tokenizers",
+    "filelock"}  # filelock: torch needs it
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
           "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
-LIMIT_BYTES = 64 << 20
+PART_LIMIT_BYTES = 60 << 20  # what one part (one device-tool command, which carries 64 MiB) may take
+PARTS_DIR = ".gpu_bundle"
 
 
 def _metadata(wheel: Path):
@@ -40,7 +43,8 @@ def _metadata(wheel: Path):
 
 def _installable(wheel: Path) -> bool:
     _, _, _, tags = parse_wheel_filename(wheel.name)
-    return any(t.interpreter in ("py3", "cp312") and t.abi in ("none", "abi3", "cp312")
+    return any((t.interpreter in ("py3", "cp312") and t.abi in ("none", "abi3", "cp312")
+                or (t.abi == "abi3" and t.interpreter.startswith("cp3") and int(t.interpreter[3:]) <= 12))  # stable ABI
                and (t.platform == "any" or (t.platform.startswith("manylinux") and t.platform.endswith("x86_64")))
                for t in tags)
 
@@ -69,9 +73,13 @@ def check(bundle: Path) -> list[str]:
                     problems.append(f"{wheel.name} needs {req}, the bundle has {dep} {versions[dep]}")
             elif dep not in IMAGE_HAS:
                 problems.append(f"{wheel.name} needs {req}: neither in the bundle nor in the GPU image")
-    total = sum(w.stat().st_size for w in wheels)
-    if total > LIMIT_BYTES:
-        problems.append(f"bundle is {total >> 20} MiB, over the device tool's 64 MiB")
+    parts = sorted(p for p in (bundle.parent / PARTS_DIR).glob("*") if p.is_dir())
+    if not parts:
+        problems.append(f"no parts in {bundle.parent / PARTS_DIR}/: run scripts/make_gpu_bundle.sh")
+    for part in parts:
+        size = sum(f.stat().st_size for f in part.iterdir())
+        if size >= PART_LIMIT_BYTES:
+            problems.append(f"part {part.name} is {size / 2**20:.1f} MiB, not under {PART_LIMIT_BYTES >> 20} MiB")
     return problems
 
 

@@ -20,12 +20,12 @@ import ray
 import torch
 
 from hybrid_ppo.algo.experience import Experience, Sequences
-from hybrid_ppo.config import load_config
+from hybrid_ppo.config import ConfigError, load_config
 from hybrid_ppo.rollout.engine import SamplingParams
 from hybrid_ppo.rollout.hf_engine import HFEngine
-from hybrid_ppo.rollout.sync_driver import sync_weights
+from hybrid_ppo.rollout.sync_driver import choose_transport, sync_weights
 from hybrid_ppo.rollout.weight_sync import (BucketHandle, BucketStager, OpenedBuffers, WeightSyncError, bucket_plan, layer_key,
-                                            opened_bucket, staging_mappings)
+                                            opened_bucket, probe_opened, probe_tensor, staging_mappings)
 from hybrid_ppo.rollout.worker import RolloutWorker
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
@@ -89,6 +89,55 @@ def test_engine_opens_a_buffer_once_and_reads_every_bucket_staged_in_it():
         opened.close()
         buffer = stager.stage(0, named).buffer
         assert Path("/proc/self/maps").read_text().count(buffer) == 1  # the stager's mapping; the engine's is gone
+    finally:
+        stager.close()
+
+
+@pytest.mark.parametrize(("buckets", "slots"), [(5, 1), (5, 2), (1, 2)])
+def test_every_slot_handle_made_is_opened_once_per_sync(buckets, slots):
+    """CUDA IPC counts opens: a handle the engine never opens keeps its buffer from being freed
+    (`BucketStager._slot_location`). So the stager makes one per slot it uses, sends it with every
+    bucket staged there, and the engine opens each once: the counts must match. The CPU transport
+    runs the same code; only what a location is differs."""
+    stager = BucketStager(torch.device("cpu"), torch.float32, capacity_numel=16, slots=slots)
+    opened = OpenedBuffers()
+    try:
+        handles = []
+        for k in range(buckets):
+            handle = stager.stage(k, [("w", torch.full((16,), float(k)))])
+            handles.append(handle)
+            with opened.bucket(handle) as got:
+                assert torch.equal(got[0][1], torch.full((16,), float(k)))
+        assert stager.shared_handles == opened.opened == min(buckets, slots)
+        assert len({h.location for h in handles}) == min(buckets, slots)  # the same bytes, bucket after bucket
+        del got
+        opened.close()
+    finally:
+        stager.close()
+
+
+def test_a_probe_opens_when_the_transport_works_and_says_why_when_not():
+    stager = BucketStager(torch.device("cpu"), torch.float32, 16, 1)
+    try:
+        assert probe_opened(stager.stage(0, [("probe", probe_tensor())])) is None
+        assert probe_opened(stager.stage(0, [("probe", probe_tensor() + 1)])) == "the probe bucket read back different values"
+        gone = stager.stage(0, [("probe", probe_tensor())])
+    finally:
+        stager.close()
+    assert probe_opened(gone).startswith("FileNotFoundError: bucket 1 (probe .. probe, 0.0 MiB): staging buffer")
+
+
+@pytest.mark.gpu
+def test_the_host_transport_on_cuda_stages_in_host_memory_and_loads_to_the_device():
+    """`rollout.weight_sync_transport=host`: the CPU path's code, with device tensors on both ends."""
+    stager = BucketStager(torch.device("cuda"), torch.bfloat16, 4096, 1, on_host=True)
+    try:
+        named = [("a", torch.randn(64, 32, device="cuda"))]
+        handle = stager.stage(0, named)
+        assert handle.transport == "shm" and stager.kept_between_syncs
+        with opened_bucket(handle, torch.device("cuda", 0)) as got:
+            assert torch.equal(got[0][1].to("cuda"), named[0][1].to(torch.bfloat16))
+        del got
     finally:
         stager.close()
 
@@ -170,7 +219,10 @@ def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, 
         rollout = executor.spawn("rollout", RolloutWorker, path)
         actor = executor.spawn("actor", Actor, path)
 
-        stats = sync_weights(actor, rollout, tp, bucket_bytes=BUCKET_BYTES)
+        assert choose_transport(actor, rollout, "auto", tp) == "host"  # no CUDA here: host, as the trainer decides
+        with pytest.raises(ConfigError, match="weight_sync_transport.*not on CUDA"):
+            choose_transport(actor, rollout, "cuda_ipc", tp)
+        stats = sync_weights(actor, rollout, tp, bucket_bytes=BUCKET_BYTES, transport="host")
         assert stats.buckets >= 3 and stats.bytes_per_engine % BUCKET_BYTES != 0
         actor_pids = set(ray.get([h.__ray_call__.remote(_pid) for h in actor.members]))
         assert set(staging_mappings()) == actor_pids  # the engines closed them; the actor ranks keep them
@@ -253,3 +305,85 @@ def test_cuda_ipc_handle_opens_in_another_process_on_the_same_gpu():
     child.join(timeout=60)
     stager.close()
     assert result is True, result
+
+
+def _sync_in_child(requests, replies) -> None:
+    """An engine in another process: per sync, opens each staged slot once and reads every bucket."""
+    torch.cuda.init()
+    try:
+        while (handles := requests.get(timeout=120)) is not None:
+            buffers = OpenedBuffers(torch.device("cuda", 0))
+            total = 0.0
+            for handle in handles:
+                with buffers.bucket(handle) as named:
+                    total += sum(float(t.float().sum()) for _, t in named)
+            buffers.close()
+            replies.put((total, torch.cuda.memory_reserved()))
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which fails the test
+        replies.put(repr(err))
+
+
+def _one_sync(stager_args, buckets, open_buckets) -> float:
+    stager = BucketStager(*stager_args)
+    handles = [stager.stage(k, named) for k, named in enumerate(buckets)]
+    total = open_buckets(handles)
+    stager.close()  # as Actor.end_weight_sync on CUDA: freed after every sync, then ipc_collect + empty_cache
+    return total
+
+
+SYNCS = 50
+BUCKET_NUMEL = 8 << 20  # 16 MiB of bf16 per bucket: a leak of one per sync is 800 MiB over the run
+
+
+def _buckets():
+    return [[("w", torch.full((BUCKET_NUMEL,), float(k + 1), device="cuda"))] for k in range(3)]
+
+
+@pytest.mark.gpu
+def test_fifty_syncs_in_one_process_leave_reserved_memory_flat():
+    """The local executor with the HF engine: actor and engine share a process (`_open_own_buffer`)."""
+    buckets, args = _buckets(), (torch.device("cuda"), torch.bfloat16, BUCKET_NUMEL, 2)
+
+    def open_here(handles):
+        buffers = OpenedBuffers(torch.device("cuda", 0))
+        total = 0.0
+        for handle in handles:
+            with buffers.bucket(handle) as named:
+                total += float(named[0][1].float().sum())
+        buffers.close()
+        return total
+
+    reserved = []
+    for _ in range(SYNCS):
+        assert _one_sync(args, buckets, open_here) == BUCKET_NUMEL * 6
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[-1] <= reserved[1], [r >> 20 for r in reserved]
+
+
+@pytest.mark.gpu
+def test_fifty_syncs_across_processes_leave_reserved_memory_flat_on_both_sides():
+    import torch.multiprocessing as mp
+
+    buckets, args = _buckets(), (torch.device("cuda"), torch.bfloat16, BUCKET_NUMEL, 2)
+    ctx = mp.get_context("spawn")
+    requests, replies = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_sync_in_child, args=(requests, replies))
+    child.start()
+    engine_reserved, actor_reserved = [], []
+
+    def open_there(handles):
+        requests.put([BucketHandle.from_wire(h.to_wire()) for h in handles])
+        reply = replies.get(timeout=120)
+        assert isinstance(reply, tuple), reply
+        engine_reserved.append(reply[1])
+        return reply[0]
+
+    try:
+        for _ in range(SYNCS):
+            assert _one_sync(args, buckets, open_there) == BUCKET_NUMEL * 6
+            actor_reserved.append(torch.cuda.memory_reserved())
+    finally:
+        requests.put(None)
+        child.join(timeout=60)
+    assert actor_reserved[-1] <= actor_reserved[1], [r >> 20 for r in actor_reserved]
+    assert engine_reserved[-1] <= engine_reserved[1], [r >> 20 for r in engine_reserved]

@@ -37,6 +37,7 @@ ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in e
 ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
 CUDA_CONTEXT_BYTES = 512 << 20  # one CUDA context + cuBLAS workspace per process: ~0.5 GiB on H100 (typical; gpu_check measures)
 NCCL_COMMUNICATOR_BYTES = 256 << 20  # NCCL_BUFFSIZE 4 MiB x 2 directions x up to 32 channels per communicator
+# (without NVLS, which roles/common.py turns off: it would add ~288 MiB per rank on H100/H200, vllm#9699)
 PROCESS_HOST_BYTES = 1 << 30  # pageable host memory of one role process (torch + libraries; ~0.5 GiB measured on CPU)
 UTILIZATION_STEP = 0.01  # resolution of the largest gpu_memory_utilization reported
 
@@ -346,15 +347,25 @@ def _estimate(plan: Mapping[Phase, Residency], shapes: dict[Role, ModelShape], s
     return result
 
 
+def pinned_block_bytes(nbytes: int) -> int:
+    """What a pinned host block of `nbytes` really takes: torch's caching host allocator rounds every
+    block up to a power of two (aten/src/ATen/core/CachingHostAllocator.h, `PowerOf2Ceil` in
+    `allocate`), so Qwen2.5-7B's 1.09 GB embedding pins 2 GiB. Each component below is one flat block: a
+    DeepSpeed flat buffer (its offload_states pins each with `pin_memory()`), a frozen role's one
+    host buffer (memory/residency.py `ModuleResidency`), and Adam's two moments (two blocks of half
+    the size round to the same total)."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
 def _host_copy(role: Role, state: State, components: dict[str, int], s: Setting) -> int:
-    """Bytes an offloaded state occupies in pinned host memory, per rank."""
+    """Bytes an offloaded state occupies in pinned host memory, per rank, as pinned blocks."""
     if role == Role.ROLLOUT:
         # vLLM sleep level 1 copies the weights to pinned host memory and discards the KV cache;
         # level 2 discards both (the next SYNC refills the weights). One engine per TP ranks.
-        return components.get("weights", 0) if s.sleep_level == 1 and state == State.WEIGHTS else 0
-    if state == State.TRAIN_STATE:
-        return sum(v for k, v in components.items() if k != "contiguous_grad_buffer")  # the bucket is freed, not copied
-    return sum(components.values())  # DeepSpeed offload_states / ModuleResidency: pinned full copies per rank
+        return pinned_block_bytes(components.get("weights", 0)) if s.sleep_level == 1 and state == State.WEIGHTS else 0
+    if state == State.TRAIN_STATE:  # the grad bucket is freed, not copied
+        return sum(pinned_block_bytes(v) for k, v in components.items() if k != "contiguous_grad_buffer")
+    return sum(pinned_block_bytes(v) for v in components.values())  # pinned full copies per rank
 
 
 def _largest_micro_batch(cfg: Config, plan, shapes, s: Setting, host_bytes: int) -> int | None:

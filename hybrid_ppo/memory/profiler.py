@@ -58,8 +58,14 @@ def snapshot() -> MemorySnapshot:
 
 
 def reset_peak() -> None:
-    """Start a new peak window: the next snapshot's `device_peak_gib` covers what runs after this."""
-    if torch.cuda.is_available():
+    """Start a new peak window: the next snapshot's `device_peak_gib` covers what runs after this.
+
+    Only in a process that already uses CUDA: `reset_peak_memory_stats` initialises CUDA
+    (torch/cuda/memory.py: it asks for the current device), and a rollout actor, whose GPU work
+    runs in vLLM's own processes, would pay a CUDA context (~500 MiB) per GPU for a reading of
+    nothing. The other calls here are safe: `memory_stats` and `empty_cache` return early
+    without CUDA initialised."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
 
 

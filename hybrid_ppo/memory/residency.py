@@ -151,14 +151,23 @@ class ModuleResidency(_Tracked):
         return {s.value: {"params": tensor_bytes(tensors)} for s in states}
 
     def offload(self, states: frozenset[State]) -> None:
+        """Into one flat host buffer (pinned on CUDA), each tensor a view of it. Pinned blocks are
+        rounded up to a power of two (memory/planner.py `pinned_block_bytes`): one block per role
+        wastes at most one rounding, and is what `hybrid-ppo plan` counts; a block per tensor
+        rounded each of hundreds of tensors."""
         if not self._check(states, want_resident=True):
             return
-        pin = self.device.type == "cuda"
-        for name, tensor in self._tensors().items():
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+        tensors = self._tensors()
+        flat = torch.empty(sum(_padded(t) for t in tensors.values()), dtype=torch.uint8,
+                           pin_memory=self.device.type == "cuda")
+        offset = 0
+        for name, tensor in tensors.items():
+            nbytes, padded = tensor.numel() * tensor.element_size(), _padded(tensor)
+            host = flat[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
             host.copy_(tensor.data)
             self._host[name] = host
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)
+            offset += padded
         self.resident -= states
 
     def reload(self, states: frozenset[State]) -> None:
@@ -167,6 +176,11 @@ class ModuleResidency(_Tracked):
         for name, tensor in self._tensors().items():
             tensor.data = self._host.pop(name).to(self.device, non_blocking=True)
         self.resident |= states
+
+
+def _padded(tensor: torch.Tensor) -> int:
+    """A tensor's bytes rounded up to 16, so every view into a flat uint8 buffer is aligned for its dtype."""
+    return -(-tensor.numel() * tensor.element_size() // 16) * 16
 
 
 class SleepableEngine(Protocol):

@@ -16,7 +16,7 @@ from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
 from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
 from hybrid_ppo.roles.models import load_causal_lm
 from hybrid_ppo.roles.trained import TrainedRole
-from hybrid_ppo.rollout.weight_sync import BucketHandle, BucketStager, bucket_plan
+from hybrid_ppo.rollout.weight_sync import PROBE_NAME, BucketHandle, BucketStager, bucket_plan, device_key, probe_tensor
 
 
 class Actor(TrainedRole):
@@ -26,6 +26,7 @@ class Actor(TrainedRole):
         self.model_path = model_path
         self._buckets: list[list[tuple[str, Tensor]]] | None = None  # the sync in progress, bucket by bucket
         self._stager: BucketStager | None = None  # its staging buffers
+        self._bundle = dist.bundles[0] if dist.bundles else None  # names its GPU on CPU (weight_sync.device_key)
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
         self.ptx = self._ptx_batches() if cfg.algo.ptx_coef > 0 else None
 
@@ -86,19 +87,21 @@ class Actor(TrainedRole):
         return self.mean_across_ranks(sum(kls) / max(len(kls), 1)) > target  # every step skipped: 0
 
     # -- SYNC: the actor side of rollout/weight_sync.py's protocol ----------------------------
-    def begin_weight_sync(self, bucket_bytes: int | None = None, slots: int = 1) -> int:
+    def begin_weight_sync(self, bucket_bytes: int | None = None, slots: int = 1, transport: str = "cuda_ipc") -> int:
         """Plan this sync's buckets (whole layers, in the rollout dtype) and make sure there are
         `slots` staging buffers of the largest bucket (on CPU the last sync's are reused: see
-        `BucketStager`). Every rank plans the same buckets; returns their count."""
+        `BucketStager`). Every rank plans the same buckets; returns their count. `transport`: as
+        `sync_driver.choose_transport` resolved it ("cuda_ipc" or "host"; on CPU always host)."""
         named = list(self.engine.module.named_parameters())
         dtype = torch_dtype(self.cfg.model.dtype)  # the engines are built in this dtype
         bucket_bytes = bucket_bytes or self.cfg.rollout.weight_sync_bucket_mb << 20
         plan = bucket_plan([n for n, _ in named], [full_numel(p) * dtype.itemsize for _, p in named], bucket_bytes)
         capacity = max(sum(full_numel(named[i][1]) for i in bucket) for bucket in plan)
         self.end_weight_sync()  # a previous sync that failed half-way leaves nothing behind
-        if self._stager is None or not self._stager.fits(self.device, dtype, capacity, slots):
+        on_host = transport == "host"
+        if self._stager is None or not self._stager.fits(self.device, dtype, capacity, slots, on_host):
             self._close_stager()
-            self._stager = BucketStager(self.device, dtype, capacity, slots)
+            self._stager = BucketStager(self.device, dtype, capacity, slots, device_key(self.device, self._bundle), on_host)
         self._buckets = [[named[i] for i in bucket] for bucket in plan]
         return len(plan)
 
@@ -111,6 +114,17 @@ class Actor(TrainedRole):
         chunk = self._buckets[index]
         with gathered_parameters(self.engine, [p for _, p in chunk]):
             return self._stager.stage(index, chunk)
+
+    def stage_probe(self) -> BucketHandle | None:
+        """A tiny CUDA IPC bucket for `sync_driver.choose_transport` (None on CPU: nothing to probe).
+        Ended, like a sync, by `end_weight_sync`."""
+        if self.device.type != "cuda":
+            return None
+        self.end_weight_sync()
+        self._close_stager()
+        self._stager = BucketStager(self.device, torch.float32, probe_tensor().numel(), 1,
+                                    device_key(self.device, self._bundle))
+        return self._stager.stage(0, [(PROBE_NAME, probe_tensor().to(self.device))])
 
     def end_weight_sync(self) -> None:
         """The sync is over: device staging buffers are freed (host ones are kept). Idempotent."""

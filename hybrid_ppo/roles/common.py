@@ -43,6 +43,9 @@ def init_distributed(dist: Any) -> None:
                       WORLD_SIZE=str(dist.world_size), LOCAL_RANK="0", LOCAL_SIZE="1")
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
+        # NVLS (H100/H200) adds ~288 MiB per rank to a communicator (vllm#9699), more than the
+        # planner's NCCL_COMMUNICATOR_BYTES; the roles' collectives are ZeRO gathers, not NVLS work.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     _unlink_deepspeed_shm(dist)
@@ -60,6 +63,8 @@ def _unlink_deepspeed_shm(dist: Any) -> None:
     The memory stays mapped, and the kernel frees it with the processes."""
     import torch.distributed as torch_dist
 
+    if torch_dist.get_backend() != "gloo":
+        return  # DeepSpeed's CPU all-reduce only; a barrier on NCCL would build a communicator for nothing
     if dist.world_size > 1:
         torch_dist.barrier()  # every peer has opened this rank's segment
     Path(DEEPSPEED_SHM.format(uid=os.getuid(), addr=dist.master_addr, port=dist.master_port,

@@ -17,7 +17,7 @@ from torch import Tensor
 from hybrid_ppo.rollout.engine import (Generation, SamplingParams, check_wake_tags, check_weight, left_pad, pad_responses,
                                        response_mask)
 from hybrid_ppo.special_tokens import resolve_special_tokens
-from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers
+from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, probe_opened
 
 
 class HFEngine:
@@ -107,6 +107,9 @@ class HFEngine:
             raise ValueError(f"HF engine has one worker; got {len(handles)} bucket handles")
         with self._buffers.bucket(handles[0]) as named:
             self.load_weights(named)
+
+    def probe_bucket(self, handles: list[BucketHandle]) -> str | None:
+        return probe_opened(handles[0], self.device)
 
     def close(self) -> None:
         self._buffers.close()  # nothing else outlives this process

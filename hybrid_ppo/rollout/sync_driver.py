@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from hybrid_ppo.config import ConfigError
 from hybrid_ppo.executor import RoleError
 from hybrid_ppo.rollout.weight_sync import BUCKET_TIMEOUT_S, WeightSyncError
 
@@ -34,8 +35,39 @@ class SyncStats:
                 "rollout/sync_buckets": float(self.buckets)}
 
 
+def choose_transport(actor, rollout, requested: str, tensor_parallel_size: int,
+                     timeout_s: float = BUCKET_TIMEOUT_S) -> str:
+    """`rollout.weight_sync_transport` made concrete, once, before the first sync: "cuda_ipc" or "host".
+
+    `auto` and `cuda_ipc` stage a 64-byte probe on every actor rank and have every engine worker
+    open the handle of its own GPU, as a sync would. CUDA IPC fails there in containers without
+    `--ipc=host` or CAP_SYS_PTRACE; `auto` then falls back to host with one log line saying why,
+    `cuda_ipc` stops with a config error. On CPU there is nothing to share by IPC: host."""
+    if requested == "host":
+        return "host"
+    try:
+        handles = _result(actor.submit("stage_probe"), timeout_s, "staging the transport probe")
+        if any(h is None for h in handles):
+            if requested == "cuda_ipc":
+                raise ConfigError("rollout.weight_sync_transport", requested, "auto or host: the actor is not on CUDA")
+            return "host"
+        per_engine = [([h.to_wire() for h in handles[e * tensor_parallel_size:(e + 1) * tensor_parallel_size]],)
+                      for e in range(rollout.world_size)]
+        failures = [f for f in rollout.submit_each("probe_bucket", per_engine).result(timeout_s=timeout_s) if f]
+    finally:
+        _end(actor, timeout_s)
+    if not failures:
+        return "cuda_ipc"
+    if requested == "cuda_ipc":
+        raise ConfigError("rollout.weight_sync_transport", requested,
+                          f"auto or host: an engine could not open a CUDA IPC handle ({failures[0]})")
+    log.warning("weight sync: CUDA IPC is not available here (%s); staging buckets in host memory "
+                "(rollout.weight_sync_transport=host)", failures[0])
+    return "host"
+
+
 def sync_weights(actor, rollout, tensor_parallel_size: int, bucket_bytes: int | None = None,
-                 slots: int = 1, timeout_s: float = BUCKET_TIMEOUT_S) -> SyncStats:
+                 slots: int = 1, timeout_s: float = BUCKET_TIMEOUT_S, transport: str = "cuda_ipc") -> SyncStats:
     """Every actor rank hands each bucket to the engine worker on its own GPU (module docstring).
 
     Engine e's TP workers sit on GPUs e*tp .. e*tp+tp-1, so engine e gets handles e*tp .. e*tp+tp-1.
@@ -43,7 +75,8 @@ def sync_weights(actor, rollout, tensor_parallel_size: int, bucket_bytes: int | 
     """
     start = time.perf_counter()
     try:
-        count = _result(actor.submit("begin_weight_sync", bucket_bytes, slots), timeout_s, "planning the buckets")[0]
+        count = _result(actor.submit("begin_weight_sync", bucket_bytes, slots, transport), timeout_s,
+                        "planning the buckets")[0]
         staged = actor.submit("stage_bucket", 0)
         nbytes = 0
         for k in range(count):

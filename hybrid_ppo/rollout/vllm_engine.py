@@ -65,9 +65,9 @@ class VLLMEngine:
         config, self._shapes = _hf_parameter_shapes(model_path)
         self.special = resolve_special_tokens(model_path)
         self._tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.sleep_mode = torch.cuda.is_available()
+        self.sleep_mode = engine_on_cuda()
         _apply_determinism(cfg, self.sleep_mode)
-        with _cpu_threads_bound(cfg, engine_rank, self.sleep_mode):
+        with _cpu_threads_bound(cfg, engine_rank, self.sleep_mode), _gpus_visible_to_ray_workers(cfg, self.sleep_mode):
             self.llm = LLM(model_path, load_format="dummy", skip_tokenizer_init=True, seed=cfg.rollout_seed + engine_rank,
                            dtype=VLLM_DTYPES[cfg.model.dtype], worker_extension_cls=WORKER_EXTENSION,
                            enable_prefix_caching=cfg.rollout.enable_prefix_caching, enforce_eager=cfg.rollout.enforce_eager,
@@ -145,6 +145,11 @@ class VLLMEngine:
         self.llm.collective_rpc("hppo_load_bucket", args=([h.to_wire() for h in handles],))
         self._arrived.update(handles[0].names)
 
+    def probe_bucket(self, handles: list[BucketHandle]) -> str | None:
+        """Every worker opens the probe handle of its own GPU; the first failure, if any."""
+        failures = self.llm.collective_rpc("hppo_probe_bucket", args=([h.to_wire() for h in handles],))
+        return next((f for f in failures if f), None)
+
     def finish_weight_sync(self) -> None:
         """The sync is complete: check nothing is missing, apply what an old vLLM held, drop the
         prefix cache (computed with the old weights)."""
@@ -217,6 +222,34 @@ def _layers(shapes: dict[str, torch.Size]) -> dict[str, list[str]]:
     for name in shapes:
         layers.setdefault(layer_key(name), []).append(name)
     return layers
+
+
+def engine_on_cuda(platform=None) -> bool:
+    """Whether vLLM runs on CUDA, decided as vLLM decides it: by its platform, which it detects
+    through NVML (vllm/platforms/__init__.py, `cuda_platform_plugin`), never by torch here. A TP>1
+    engine's Ray actor asks for no GPU (its workers take them), so Ray sets CUDA_VISIBLE_DEVICES=''
+    for it (ray#53643) and `torch.cuda.is_available()` is False in it even on a GPU box: asking torch
+    picked the `mp` backend, a 64 MiB KV cache and no sleep mode. `platform`: for tests."""
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    return bool(platform.is_cuda_alike())
+
+
+@contextmanager
+def _gpus_visible_to_ray_workers(cfg: Config, cuda: bool) -> Iterator[None]:
+    """While LLM() starts a TP>1 engine on CUDA: no CUDA_VISIBLE_DEVICES in this process. vLLM
+    refuses the empty one Ray gave this GPU-less actor (vllm#8402), and its Ray executor sets each
+    worker's own from the bundle it places the worker on. OpenRLHF's vLLM actor does the same
+    (`_configure_device_env`). Put back afterwards, so nothing else in this process sees the GPUs
+    (a CUDA context here would cost memory on every one of them)."""
+    if not (cuda and cfg.rollout.tensor_parallel_size > 1 and "CUDA_VISIBLE_DEVICES" in os.environ):
+        yield
+        return
+    visible = os.environ.pop("CUDA_VISIBLE_DEVICES")
+    try:
+        yield  # vLLM's engine core and Ray workers copy the environment when they start
+    finally:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def _apply_determinism(cfg: Config, cuda: bool) -> None:

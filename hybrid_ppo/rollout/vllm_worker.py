@@ -17,13 +17,17 @@ each bucket is copied and held, and the whole model is applied at the end of the
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
-from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers
+from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, device_key, handle_for, probe_opened
+
+BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"  # set by the executor for a TP>1 engine (ray_executor.rank_specs)
 
 PARTIAL_RELOAD_SINCE = (0, 32)
 """The oldest vLLM whose in-place reload keeps the layers a call leaves out (checked by tests)."""
@@ -46,12 +50,13 @@ class WeightSyncExtension:
         """Open this TP rank's handle and load it; returns the bytes read. Return = ack."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        handle = BucketHandle.from_wire(handles[get_tensor_model_parallel_rank()])
+        rank = get_tensor_model_parallel_rank()
+        handle = handle_for([BucketHandle.from_wire(h) for h in handles], worker_device_key(self, rank), rank)
         if getattr(self, "_hppo_buffers", None) is None:
             self._hppo_buffers = OpenedBuffers(_cuda_device(self))
         with self._hppo_buffers.bucket(handle) as named:
             if vllm_version() >= PARTIAL_RELOAD_SINCE:
-                with _quiet_partial_reload():
+                with _quiet_partial_reload(), _on_worker_device(self):
                     self.reload_weights(weights_iterator=named, is_checkpoint_format=True)
             else:  # hold a copy: the actor overwrites the buffer once this call returns
                 held = getattr(self, "_hppo_held", [])
@@ -59,11 +64,19 @@ class WeightSyncExtension:
                 self._hppo_held = held
         return handle.nbytes
 
+    def hppo_probe_bucket(self, handles: list[dict[str, Any]]) -> str | None:
+        """Open this worker's probe handle (`sync_driver.choose_transport`): None, or why it failed."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank()
+        handle = handle_for([BucketHandle.from_wire(h) for h in handles], worker_device_key(self, rank), rank)
+        return probe_opened(handle, _cuda_device(self))
+
     def hppo_load_tensors(self, blob: bytes) -> None:
         """Whole layers as safetensors bytes, from tensors the engine's own process held."""
         from safetensors.torch import load
 
-        with _quiet_partial_reload():
+        with _quiet_partial_reload(), _on_worker_device(self):
             self.reload_weights(weights_iterator=list(load(blob).items()), is_checkpoint_format=True)
 
     def hppo_refresh_tied_head(self) -> None:
@@ -89,8 +102,43 @@ class WeightSyncExtension:
             buffers.close()
         held = getattr(self, "_hppo_held", None)
         if held:
-            self.reload_weights(weights_iterator=held, is_checkpoint_format=True)
+            with _on_worker_device(self):
+                self.reload_weights(weights_iterator=held, is_checkpoint_format=True)
         self._hppo_held = []
+        release_reload_temporaries(self)
+
+
+def release_reload_temporaries(worker) -> None:
+    """The reload's temporaries (each layer rebuilt, then its kernel tensors swapped in) are garbage
+    once the sync is over, but cycles keep some alive and torch's cache keeps their blocks: free
+    both before the KV cache wakes into that memory."""
+    gc.collect()
+    if _cuda_device(worker) is not None:
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def _on_worker_device(worker) -> Iterator[None]:
+    """vLLM's layer-wise reload rebuilds each layer from meta tensors with no device of their own
+    (vllm/model_executor/model_loader/reload/meta.py, `materialize_meta_tensor`: "should be called
+    within the torch device context"), so outside one each layer was built on the CPU and copied to
+    the GPU on every sync. Inside the worker's device they are built where they live."""
+    device = getattr(worker, "device", None)
+    if not isinstance(device, torch.device):
+        yield
+        return
+    with device:
+        yield
+
+
+def worker_device_key(worker, tp_rank: int) -> str:
+    """This worker's `weight_sync.device_key`: its GPU's UUID on CUDA; on CPU the bundle the executor
+    gave its TP rank (VLLM_RAY_BUNDLE_INDICES, inherited from the engine's actor), "" without one."""
+    device = _cuda_device(worker)
+    if device is not None:
+        return device_key(device, None)
+    bundles = [b for b in os.environ.get(BUNDLE_INDICES_ENV, "").split(",") if b.strip()]
+    return device_key(torch.device("cpu"), int(bundles[tp_rank]) if tp_rank < len(bundles) else None)
 
 
 def _cuda_device(worker) -> torch.device | None:

@@ -15,8 +15,9 @@ worker i on bundle i), and every actor rank holds each bucket in full at some po
 
 Transports, same protocol:
 
-* CUDA: the buffer is a device tensor; the handle carries `reduce_tensor`'s IPC payload, and the
-  engine copies device to device. No host hop. The buffer is freed after every sync.
+* CUDA: the buffer is a device tensor; the handle carries `reduce_tensor`'s IPC payload, made
+  once per buffer (`BucketStager._slot_location` says why that matters), and the engine copies
+  device to device. No host hop. The buffer is freed after every sync.
 * CPU: the buffer is a memfd the actor rank maps; the engine maps it read-only. It is kept
   between syncs: `BucketStager` says why, and why that can't leak.
 
@@ -62,6 +63,7 @@ import pickle
 import re
 import uuid
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
@@ -125,6 +127,7 @@ class BucketHandle:
     transport: str  # "shm" or "cuda_ipc"
     location: str | bytes  # shm: /proc/<actor pid>/fd/<memfd>; cuda_ipc: pickled reduce_tensor() payload
     buffer: str  # the staging buffer's unique name: the bucket's bytes start at its offset 0
+    device_key: str = ""  # the staging rank's GPU (its UUID; on CPU its bundle): `device_key()`
 
     @property
     def numel(self) -> int:
@@ -141,17 +144,43 @@ class BucketHandle:
     def to_wire(self) -> dict[str, Any]:
         """Plain types only, for vLLM's msgpack RPC to its worker processes."""
         return {"index": self.index, "names": list(self.names), "shapes": [list(s) for s in self.shapes],
-                "dtype": self.dtype, "transport": self.transport, "location": self.location, "buffer": self.buffer}
+                "dtype": self.dtype, "transport": self.transport, "location": self.location, "buffer": self.buffer,
+                "device_key": self.device_key}
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> BucketHandle:
         return cls(int(wire["index"]), tuple(wire["names"]), tuple(tuple(s) for s in wire["shapes"]),
-                   wire["dtype"], wire["transport"], wire["location"], wire["buffer"])
+                   wire["dtype"], wire["transport"], wire["location"], wire["buffer"], wire.get("device_key", ""))
 
     def describe(self) -> str:
         """`bucket 3 (model.layers.2.self_attn.q_proj.weight .. model.layers.2.mlp.down_proj.weight, 0.2 MiB)`:
         numbered from 1, as a person counts."""
         return f"bucket {self.index + 1} ({self.names[0]} .. {self.names[-1]}, {self.nbytes / 2**20:.1f} MiB)"
+
+
+# -- which handle is whose -----------------------------------------------------------------------
+def device_key(device: torch.device, bundle: int | None) -> str:
+    """What names a GPU the same way in every process: its UUID on CUDA (device indices differ with
+    each process's CUDA_VISIBLE_DEVICES), as OpenRLHF (`get_physical_gpu_id`) and verl
+    (`get_device_uuid`) key their IPC handles. On CPU, the placement bundle stands for the GPU, so
+    the same matching runs in the CPU tests; "" where neither is known (one engine worker)."""
+    if device.type == "cuda":
+        return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+    return "" if bundle is None else f"bundle-{bundle}"
+
+
+def handle_for(handles: Sequence[BucketHandle], key: str, position: int) -> BucketHandle:
+    """The handle staged on this worker's GPU. Matching by position (TP rank j takes the j-th
+    handle) holds only if Ray gives a TP engine's workers its bundles' GPUs in bundle order, which
+    it does not promise (ray#51117); so match by `device_key`. By position only where no handle
+    carries a key (an engine built outside the executor, as in tests), or there is just one."""
+    if len(handles) == 1 or not any(h.device_key for h in handles):
+        return handles[position]
+    for handle in handles:
+        if handle.device_key == key:
+            return handle
+    raise WeightSyncError(f"{handles[0].describe()}: no handle was staged on this worker's device {key or '(unknown)'}; "
+                          f"staged on: {', '.join(h.device_key for h in handles)}")
 
 
 # -- the actor side -----------------------------------------------------------------------------
@@ -174,29 +203,38 @@ class BucketStager:
       /proc/<actor pid>/fd/<fd>, open it for one sync, and check its name on opening.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int):
-        self.device, self.dtype, self.capacity_numel = device, dtype, capacity_numel
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int,
+                 device_key: str = "", on_host: bool = False):
+        self.device, self.dtype, self.capacity_numel, self.device_key = device, dtype, capacity_numel, device_key
+        self.on_host = on_host or device.type != "cuda"
+        """Host memfd buffers: always on CPU; on CUDA the `host` transport (rollout.weight_sync_transport),
+        the same code as on CPU, the copies going device -> host here and host -> device in the engine."""
         token = uuid.uuid4().hex[:8]
         self._names = [f"{SHM_PREFIX}{os.getpid()}-{slot}-{token}" for slot in range(slots)]
         self._fds: list[int] = []
         self._buffers: list[Tensor] = []
         for name in self._names:
-            if device.type == "cuda":
+            if not self.on_host:
                 self._buffers.append(torch.empty(capacity_numel, dtype=dtype, device=device))
             else:
                 fd = os.memfd_create(name, os.MFD_CLOEXEC)
                 self._fds.append(fd)  # recorded first: close() closes it even if mapping fails
                 os.ftruncate(fd, capacity_numel * dtype.itemsize)
                 self._buffers.append(torch.frombuffer(mmap.mmap(fd, capacity_numel * dtype.itemsize), dtype=dtype))
+        self._locations: list[str | bytes | None] = [None] * slots  # made on a slot's first bucket
+        self.shared_handles = 0
+        """How many slot handles this stager has made: the engine must open each exactly once (CUDA
+        IPC counts the opens; see `_slot_location`). A slot no bucket used makes none."""
 
     @property
     def kept_between_syncs(self) -> bool:
-        return self.device.type != "cuda"
+        return self.on_host
 
-    def fits(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int) -> bool:
+    def fits(self, device: torch.device, dtype: torch.dtype, capacity_numel: int, slots: int,
+             on_host: bool = False) -> bool:
         """Whether this stager can serve a sync that needs these buffers (it is reused if so)."""
         return (bool(self._buffers) and (self.device, self.dtype, len(self._buffers)) == (device, dtype, slots)
-                and capacity_numel <= self.capacity_numel)
+                and self.on_host == (on_host or device.type != "cuda") and capacity_numel <= self.capacity_numel)
 
     def stage(self, index: int, named: Sequence[tuple[str, Tensor]]) -> BucketHandle:
         """Copy (and cast) `named` full tensors into slot index % slots; return its handle."""
@@ -208,18 +246,68 @@ class BucketStager:
             offset += numel
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the engine reads on another stream/process
-            location: str | bytes = _cuda_ipc_payload(buffer)
-        else:
-            location = f"/proc/{os.getpid()}/fd/{self._fds[slot]}"
         return BucketHandle(index, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
-                            str(self.dtype).removeprefix("torch."), "cuda_ipc" if self.device.type == "cuda" else "shm",
-                            location, self._names[slot])
+                            str(self.dtype).removeprefix("torch."), "shm" if self.on_host else "cuda_ipc",
+                            self._slot_location(slot), self._names[slot], self.device_key)
+
+    def _slot_location(self, slot: int) -> str | bytes:
+        """Where the engine finds slot `slot`: made once, on the slot's first bucket, and the same
+        bytes sent with every later bucket staged in it.
+
+        On CUDA this is what keeps a sync from leaking its buffer. Every `reduce_tensor` call shares
+        the storage anew (`_share_cuda_`), and each share makes an IPC reference counter set to 1
+        (torch/csrc/CudaIPCTypes.cpp, `GetNewRefCountedSentData`); only a consumer's rebuild of that
+        payload counts it down (torch/multiprocessing/reductions.py, `rebuild_cuda_tensor`:
+        `_release_ipc_counter` on a cache hit, the storage's deleter otherwise). The engine opens
+        each buffer once per sync (`OpenedBuffers`), so one payload per bucket left the counters of
+        buckets 2..n at 1: freed, the buffer went to torch's IPC "limbo" for good, where
+        `empty_cache` cannot reach it (1.05 GB per slot per sync for Llama-3.1-8B's embedding).
+        One payload per slot, one open per slot: every counter reaches 0 when the engine closes."""
+        location = self._locations[slot]
+        if location is None:
+            if not self.on_host:
+                location = _cuda_ipc_payload(self._buffers[slot])
+                _IN_PROCESS[self._names[slot]] = self._buffers[slot]
+            else:
+                location = f"/proc/{os.getpid()}/fd/{self._fds[slot]}"
+            self._locations[slot] = location
+            self.shared_handles += 1
+        return location
 
     def close(self) -> None:
         self._buffers.clear()  # the mapping ends with its last view
+        self._locations = [None] * len(self._locations)
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        if not self.on_host:
+            release_ipc_memory()
+
+
+def release_ipc_memory() -> None:
+    """After the engines closed a sync's buffers: free the blocks torch parked while an engine still
+    held them (`ipc_collect`: blocks whose IPC counter has reached 0), then return the cache to the
+    driver so the next phase's role can use it. verl's colocated sync does the same (one
+    `reduce_tensor` per buffer, then `torch.cuda.ipc_collect()`)."""
+    torch.cuda.ipc_collect()
+    torch.cuda.empty_cache()
+
+
+_IN_PROCESS: "weakref.WeakValueDictionary[str, Tensor]" = weakref.WeakValueDictionary()
+"""This process's CUDA staging buffers by name, for an engine in the same process (the local
+executor): CUDA IPC is for other processes, so such an engine uses the tensor itself."""
+
+# rebuild_cuda_tensor's arguments (torch/multiprocessing/reductions.py) that name the IPC counter
+_STORAGE_CLS, _STORAGE_DEVICE, _REF_COUNTER_HANDLE, _REF_COUNTER_OFFSET = 4, 6, 11, 12
+
+
+def _open_own_buffer(buffer: Tensor, args: Sequence[Any]) -> Tensor:
+    """An engine in the actor's own process opens the buffer: the tensor itself, and the payload's
+    IPC counter released, as torch's `rebuild_cuda_tensor` does when the storage is already in
+    this process (its cache-hit branch), so the buffer is freed like any other when the sync ends."""
+    args[_STORAGE_CLS]._release_ipc_counter(args[_REF_COUNTER_HANDLE], args[_REF_COUNTER_OFFSET],
+                                            device=args[_STORAGE_DEVICE])
+    return buffer
 
 
 def _cuda_ipc_payload(buffer: Tensor) -> bytes:
@@ -240,6 +328,7 @@ class OpenedBuffers:
     def __init__(self, device: torch.device | None = None):
         self.device = device
         self._flat: dict[str, Tensor] = {}
+        self.opened = 0  # buffers opened, over this object's life: one per staged slot per sync
 
     @contextmanager
     def bucket(self, handle: BucketHandle) -> Iterator[list[tuple[str, Tensor]]]:
@@ -250,6 +339,7 @@ class OpenedBuffers:
         flat = self._flat.get(handle.buffer)
         if flat is None:
             flat = self._flat[handle.buffer] = self._open(handle)
+            self.opened += 1
         try:
             yield list(unpack(flat[:handle.numel], handle.names, handle.shapes))
         except BaseException:
@@ -281,6 +371,9 @@ class OpenedBuffers:
                 return torch.frombuffer(region, dtype=handle.torch_dtype)  # keeps `region` mapped
         if handle.transport == "cuda_ipc":
             rebuild, args = pickle.loads(handle.location)
+            own = _IN_PROCESS.get(handle.buffer)
+            if own is not None:
+                return _open_own_buffer(own, args)
             args = list(args)
             args[6] = (self.device or torch.device("cuda", torch.cuda.current_device())).index  # receiver's own index
             return rebuild(*args)
@@ -288,6 +381,26 @@ class OpenedBuffers:
 
     def close(self) -> None:
         self._flat.clear()
+
+
+PROBE_NAME = "hppo.transport_probe"
+
+
+def probe_tensor() -> Tensor:
+    """What an actor rank stages to learn whether its engines can open its handles (`probe_opened`)."""
+    return torch.arange(16, dtype=torch.float32)
+
+
+def probe_opened(handle: BucketHandle, device: torch.device | None = None) -> str | None:
+    """Open a probe handle as a sync would; None if it opened and read back right, else why not
+    (the first line of the error, e.g. CUDA's refusal to open an IPC handle in a container)."""
+    try:
+        with opened_bucket(handle, device) as named:
+            if not torch.equal(named[0][1].float().cpu(), probe_tensor()):
+                return "the probe bucket read back different values"
+    except Exception as err:  # noqa: BLE001 - reported as the reason to fall back, not raised
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
 
 
 @contextmanager

@@ -39,6 +39,10 @@ class RolloutWorker(ResidentRole):
         self.engine.load_bucket([BucketHandle.from_wire(h) for h in handles])
         return len(handles)
 
+    def probe_bucket(self, handles: list[dict[str, Any]]) -> str | None:
+        """Open a probe handle (`sync_driver.choose_transport`): None if it worked, else why not."""
+        return self.engine.probe_bucket([BucketHandle.from_wire(h) for h in handles])
+
     def finish_weight_sync(self) -> None:
         """Every bucket of the sync has arrived (engines check that nothing is missing)."""
         self.engine.finish_weight_sync()
