@@ -16,7 +16,7 @@ line through the post-warm-up samples. Bounds (a row that breaks one is marked G
   RSS                 < 1 % of its post-warm-up value per 100 iterations
   fds, threads        < 1 per 100 iterations
   /dev/shm (ours)     < 1 MiB per 100 iterations
-  checkpoints/        < 1 MiB per 100 iterations (only `train.keep_checkpoints` are kept)
+  checkpoints/        < 1 MiB per 100 iterations once `train.keep_checkpoints` exist
   run dir w/o ckpts   logs only: reported with bytes per iteration, not bounded
 """
 
@@ -174,10 +174,13 @@ def series(samples: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def summarize(samples: list[dict], warmup: int) -> list[dict]:
+def summarize(samples: list[dict], warmup: int, checkpoints_full: int = 0) -> list[dict]:
+    """`checkpoints_full`: the iteration after which `train.keep_checkpoints` exist; the
+    checkpoints' size is fitted from there (before, it steps up once per kept save)."""
     rows = []
     for name, (its, values) in sorted(series(samples).items()):
-        kept = [(i, v) for i, v in zip(its, values) if i > warmup]
+        start = max(warmup, checkpoints_full) if name == "checkpoints_mib" else warmup
+        kept = [(i, v) for i, v in zip(its, values) if i > start]
         if len(kept) < 2 or name.endswith("gpu_mib") and not any(values):
             continue
         xs, ys = zip(*kept)
@@ -218,6 +221,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=30, help="iterations left out of the growth fit")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="the run's train.keep_checkpoints")
     parser.add_argument("--output-dir", default=str(REPO / "runs"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     args = parser.parse_args()
@@ -225,7 +229,7 @@ def main() -> int:
     name = time.strftime("soak-%Y%m%d-%H%M%S")
     run_dir = Path(args.output_dir) / name
     overrides = [f"train.iterations={args.iterations}", f"train.save_every={args.save_every}",
-                 f"logging.output_dir={args.output_dir}", f"logging.run_name={name}", *args.set]
+                 f"train.keep_checkpoints={args.keep_checkpoints}", f"logging.output_dir={args.output_dir}", f"logging.run_name={name}", *args.set]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
     proc = subprocess.Popen([sys.executable, "-m", "hybrid_ppo.cli", "train", args.config, *overrides], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -245,7 +249,7 @@ def main() -> int:
         print(stderr[-3000:], file=sys.stderr)
         print(f"soak: the run exited {proc.returncode}", file=sys.stderr)
 
-    rows = summarize(samples, args.warmup)
+    rows = summarize(samples, args.warmup, args.keep_checkpoints * args.save_every)
     result = {"config": args.config, "overrides": overrides, "run_dir": str(run_dir), "returncode": proc.returncode,
               "iterations_sampled": len(samples), "warmup": args.warmup, "wall_s": time.monotonic() - start,
               "load_1min_mean": sum(s["load_1min"] for s in samples) / max(1, len(samples)),
