@@ -28,7 +28,7 @@ import yaml
 
 from hybrid_ppo.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, read_state, replace_dir,
                                    write_checkpoint)
-from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, load_config
+from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, LRSchedule, load_config
 from hybrid_ppo.errors import InputError, RunFailed
 from hybrid_ppo.memory.plan import Phase, Residency, Role, phase_plan, resident_everything
 from hybrid_ppo.memory.scheduler import MemoryScheduler
@@ -236,6 +236,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
                 raise ConfigError(name, value, f"no change on resume (it would change the run's math; the run "
                                                f"has {old[section][key]!r}); resume may change: "
                                                + ", ".join(sorted(RESUMABLE_KEYS)))
+    if cfg.train.iterations != saved.train.iterations and cfg.train.lr_schedule != LRSchedule.CONSTANT:
+        # The decay is laid out over train.iterations; a new horizon would stretch it from the
+        # restored step, and the LR would jump back up at the resume point.
+        raise ConfigError("train.iterations", cfg.train.iterations,
+                          f"no change on resume with train.lr_schedule = {cfg.train.lr_schedule.value} (its decay "
+                          f"ends at the run's {saved.train.iterations} iterations; only a constant schedule can "
+                          f"be extended)")
     return cfg
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hybrid_ppo.errors import Diverged
+from hybrid_ppo.memory.plan import SAVE_PHASES
 from hybrid_ppo.memory.scheduler import Move
 from hybrid_ppo.samples import FILE_NAME as SAMPLES_FILE
 
@@ -29,9 +30,7 @@ class MetricsWriter:
         if resume_after is not None:
             keep_through(self.path, resume_after)
             keep_through(run_dir / SAMPLES_FILE, resume_after)
-            # Moves are logged under the iteration the trainer had finished when they ran, so the
-            # dead attempt's moves after checkpoint k carry k: keep only those before it.
-            keep_through(run_dir / "memory_timeline.jsonl", resume_after - 1)
+            keep_timeline_through(run_dir / "memory_timeline.jsonl", resume_after)
         self._file = self.path.open("a")
         self._timeline = (run_dir / "memory_timeline.jsonl").open("a")
         self._tb = None
@@ -79,6 +78,32 @@ def keep_through(path: Path, iteration: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
+
+
+def keep_timeline_through(path: Path, iteration: int) -> None:
+    """Rewrite a memory timeline with what led up to checkpoint `iteration`, atomically.
+
+    Moves are logged under the iteration the trainer had finished when they ran, so label k
+    holds an eval after iteration k, checkpoint k's save moves, then the dead attempt's next
+    iteration: keep records labelled < k, and those labelled k through the end of the save."""
+    if not path.is_file():
+        return
+    records = read_metrics(path)
+    at_k = [i for i, r in enumerate(records) if r["iteration"] == iteration]
+    saves = [i for i in at_k if records[i].get("phase") in SAVE_PHASE_NAMES]
+    end = -1
+    if saves:  # the end of the first block of save moves
+        end = saves[0]
+        while end + 1 < len(records) and records[end + 1]["iteration"] == iteration \
+                and records[end + 1].get("phase") in SAVE_PHASE_NAMES:
+            end += 1
+    kept = [r for i, r in enumerate(records) if r["iteration"] < iteration or r["iteration"] == iteration and i <= end]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+SAVE_PHASE_NAMES = frozenset(p.value for p in SAVE_PHASES)
 
 
 def combine(key: str, values: list[float]) -> float:

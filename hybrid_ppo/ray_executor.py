@@ -178,6 +178,10 @@ class RayExecutor:
         # When one rank fails, the driver stops waiting for the others; Ray would print each of
         # their later errors as an "unhandled error" traceback. The first one is what we report.
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+        # Every task's events go to the GCS, which keeps up to 100,000 of them: its RSS grew by
+        # 16 MiB per 100 iterations of the default job (scripts/soak.py). Only `ray list tasks` and
+        # the dashboard (off) read them.
+        os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
         cpus = max(os.cpu_count() or 1, math.ceil(self.plan.num_bundles * self.plan.bundle_cpu))
         kwargs: dict[str, Any] = dict(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
                                       _temp_dir=str(self._temp_dir()))

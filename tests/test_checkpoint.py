@@ -81,3 +81,15 @@ def test_resume_refuses_keys_that_change_the_math(tmp_path):
         resume_config(tmp_path, ["algo.kl_coef=0.5"])
     with pytest.raises(ConfigError, match="'placement.executor'"):
         resume_config(tmp_path, ["placement.executor=local"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_resume_refuses_a_longer_run_under_a_decaying_lr_schedule(tmp_path, schedule):
+    from hybrid_ppo.launch import resume_config
+
+    saved = load_config(None, [f"train.lr_schedule={schedule}", "train.iterations=20"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
+    with pytest.raises(ConfigError, match=rf"'train.iterations': got 40; allowed: no change on resume with "
+                                          rf"train.lr_schedule = {schedule} \(its decay ends at the run's 20"):
+        resume_config(tmp_path, ["train.iterations=40"])
+    assert resume_config(tmp_path, ["train.save_every=5"]).train.iterations == 20  # other keys still may change

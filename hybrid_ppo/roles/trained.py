@@ -44,6 +44,7 @@ class TrainedRole(ResidentRole):
         self.engine = build_engine(cfg, dist.world_size, lr, load)
         self.residency = DeepSpeedResidency(self.engine)
         self.skipped_in_a_row = 0  # optimizer steps skipped for a non-finite loss since the last real one
+        self.poisoned = False  # a micro-batch of the optimizer step being accumulated had a non-finite loss
         # DeepSpeed's offload_states() runs gc.collect() three times. Over the ~10^6 objects that
         # torch, transformers and DeepSpeed leave after start-up that costs ~0.75 s per offload
         # (measured on CPU); freezing them makes each collect scan only what came later (~1 ms).
@@ -69,15 +70,13 @@ class TrainedRole(ResidentRole):
         for _ in range(self.cfg.train.ppo_epochs):
             epoch_stats: dict[str, list[float]] = defaultdict(list)
             micros = list(experience.micro_batches(self.cfg.train.micro_batch_size, order))
-            # After a skipped (non-finite) micro-batch that mini-batch's weights are no longer exact
-            # (its divisor still counts the skipped tokens): a rare event, left as is.
             for micro, norm in zip(micros, self.loss_norms(micros)):
                 loss, parts = self.loss(micro, norm, **loss_args)
-                if not self.step_unless_any_rank_nonfinite(loss, iteration):
-                    skipped += 1
-                    continue
-                for key, value in parts.items():
-                    epoch_stats[key].append(float(value))
+                finite, applied = self.step_unless_any_rank_nonfinite(loss, iteration)
+                skipped += applied is False
+                if finite:
+                    for key, value in parts.items():
+                        epoch_stats[key].append(float(value))
             epochs_run += 1
             for key, values in epoch_stats.items():
                 stats[key].extend(values)
@@ -108,28 +107,41 @@ class TrainedRole(ResidentRole):
             torch_dist.all_reduce(tensor)
         return tensor
 
-    def step_unless_any_rank_nonfinite(self, loss: Tensor, iteration: int) -> bool:
-        """Backward + step, unless the loss is non-finite on ANY rank: then every rank skips it.
+    def step_unless_any_rank_nonfinite(self, loss: Tensor, iteration: int) -> tuple[bool, bool | None]:
+        """Backward + DeepSpeed step of one micro-batch; a non-finite loss on ANY rank discards the
+        whole optimizer step it belongs to, on every rank. Returns (this loss was finite on every
+        rank, whether the optimizer step was applied, or None before the accumulation boundary).
 
-        One all-reduce of a flag (a sync point). A rank that raised on its own would leave the
-        others waiting in the step's collectives. A skipped micro-batch never reaches DeepSpeed,
-        so with gradient accumulation the step takes the next micro-batch in its place; a skip in
-        the last step of a train() call leaves that step short, and it completes with the first
-        micro-batch of the next call (known limitation; exact when no accumulation is configured).
+        One all-reduce of a flag (a sync point). Every rank still runs backward and step for every
+        micro-batch, so the collectives and DeepSpeed's accumulation boundaries stay aligned; a bad
+        micro-batch's backward carries NaN gradients on every rank, and DeepSpeed's own check at
+        the boundary (a non-finite gradient norm: ZeRO-2 and 3, fp32 and bf16) then drops the
+        accumulated step: no weight, optimizer or LR-schedule change (`engine.was_step_applied`).
         """
         flag = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=self.device)
         torch_dist.all_reduce(flag)
-        if float(flag) == 0.0:
-            self.engine.backward(loss)
-            self.engine.step()
+        finite = float(flag) == 0.0
+        if not finite:
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * float("nan")  # NaN gradients, whatever this rank's loss was
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        self.engine.step()
+        if not boundary:
+            self.poisoned = self.poisoned or not finite
+            return finite, None
+        poisoned, self.poisoned = self.poisoned or not finite, False
+        applied = self.engine.was_step_applied()
+        if poisoned and applied:  # never train on NaN silently: the check we rely on is DeepSpeed's
+            raise RuntimeError(f"{self.name}: DeepSpeed applied an optimizer step with non-finite gradients")
+        if applied:
             self.skipped_in_a_row = 0
-            return True
+            return finite, True
         self.skipped_in_a_row += 1
         limit = self.cfg.train.max_skipped_steps
         if self.skipped_in_a_row >= limit:
             raise TrainingDiverged(f"{self.name}: {self.skipped_in_a_row} optimizer steps in a row skipped for a "
                                    f"non-finite loss (iteration {iteration}; train.max_skipped_steps = {limit})")
-        return False
+        return finite, False
 
     def save_checkpoint(self, directory: str) -> None:
         """This rank's part of DeepSpeed's checkpoint: weights, optimizer and LR-scheduler state
