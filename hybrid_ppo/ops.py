@@ -12,19 +12,21 @@ Importing this module touches neither CUDA nor triton's compiler; without triton
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Union, overload
+from typing import Literal, NamedTuple, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
 from hybrid_ppo_kernels._utils import HAS_TRITON
 from hybrid_ppo_kernels.gae import gae_torch, gae_triton
+from hybrid_ppo_kernels.linear_logprobs import linear_logprobs_chunked
 from hybrid_ppo_kernels.logprobs import logprobs_torch, logprobs_triton
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "Backend", "GAEOutput", "LogProbsWithEntropy", "gae", "logprobs", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "GAEOutput", "LogProbsWithEntropy", "gae", "linear_logprobs", "logprobs",
+           "resolve_backend"]
 
 
 class LogProbsWithEntropy(NamedTuple):
@@ -119,6 +121,58 @@ def logprobs(
         assert entropy is not None
         return LogProbsWithEntropy(lp, entropy)
     return lp
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    bias: Optional[Tensor] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> Union[Tensor, LogProbsWithEntropy]:
+    """``logprobs(hidden @ weight.T + bias, labels, ...)`` without ever building the ``[..., V]`` logits.
+
+    The LM head and the log-prob op fused: the rows are processed ``chunk_size`` at a time (default: as
+    many as fit 64 MiB of fp32 logits), and backward recomputes each chunk's logits, so the extra memory
+    is bounded by a chunk whatever the number of tokens (see ``hybrid_ppo_kernels.linear_logprobs``).
+
+    There is no Triton kernel for this op yet: ``"auto"`` (on every device) and ``"torch"`` use the
+    chunked PyTorch path; ``"triton"`` is refused.
+
+    Args:
+        hidden: ``[..., H]`` float, the final hidden states (after the model's last norm).
+        weight: ``[V, H]`` the LM head (``model.get_output_embeddings().weight``; may be tied to the
+            input embedding, autograd then adds both gradients into the one parameter).
+        labels: ``[...]`` integer token ids in ``[0, V)``.
+        temperature, with_entropy: as in :func:`logprobs`.
+        bias: optional ``[V]`` head bias.
+        chunk_size: rows per chunk (default from a 64 MiB budget).
+
+    Returns:
+        What :func:`logprobs` returns: fp32 ``[...]`` log-probs, or :class:`LogProbsWithEntropy`;
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden [..., H] and labels [...] disagree: {tuple(hidden.shape)} vs {tuple(labels.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}; got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}]; got {tuple(bias.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if resolve_backend(backend, hidden.device) == "triton" and backend != "auto":
+        raise ValueError("linear_logprobs has no Triton kernel yet; use backend='auto' or 'torch'")
+
+    lp, entropy = linear_logprobs_chunked(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                          temperature, bias, chunk_size)
+    lp, entropy = lp.view(labels.shape), entropy.view(labels.shape)
+    return LogProbsWithEntropy(lp, entropy) if with_entropy else lp
 
 
 def gae(

@@ -14,6 +14,7 @@ from hybrid_ppo.config import Config, KLPlacement
 from hybrid_ppo.ptx import PTXBatches, lm_loss, read_pretrain_texts
 from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
 from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
+from hybrid_ppo.roles.lm_head import FUSED, lm_head_path
 from hybrid_ppo.roles.models import load_causal_lm
 from hybrid_ppo.roles.trained import TrainedRole
 from hybrid_ppo.rollout.weight_sync import PROBE_NAME, BucketHandle, BucketStager, bucket_plan, device_key, probe_tensor
@@ -29,6 +30,7 @@ class Actor(TrainedRole):
         self._bundle = dist.bundles[0] if dist.bundles else None  # names its GPU on CPU (weight_sync.device_key)
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
         self.ptx = self._ptx_batches() if cfg.algo.ptx_coef > 0 else None
+        self.lm_head_path = lm_head_path(self.engine.module, self.engine.zero_optimization_stage(), self.name)
 
     def _ptx_batches(self) -> PTXBatches:
         from transformers import AutoTokenizer
@@ -46,7 +48,8 @@ class Actor(TrainedRole):
     def logprobs(self, seq: Sequences) -> Tensor:
         """[B, R] log pi_old of the sampled responses (SCORE_ACTOR)."""
         self.engine.eval()
-        out = [response_logprobs(self.engine, to_device(c, self.device), self.cfg.rollout.temperature).cpu()
+        out = [response_logprobs(self.engine, to_device(c, self.device), self.cfg.rollout.temperature,
+                                 fused=self.lm_head_path == FUSED).cpu()
                for c in seq.chunks(self.cfg.train.micro_batch_size)]
         return torch.cat(out)
 
@@ -56,10 +59,11 @@ class Actor(TrainedRole):
         algo = self.cfg.algo
         seq = to_device(micro.sequences, self.device)
         mask = seq.action_mask.float()
-        # In-place backward is safe: the logits are a fresh output of lm_head, whose backward needs
-        # only its input and weight, and nothing reads them after this op. It saves a [B, R, V] buffer.
+        # In-place backward (materialized path) is safe: the logits are a fresh output of lm_head, whose
+        # backward needs only its input and weight, and nothing reads them after this op. It saves a
+        # [B, R, V] buffer. The fused path has no such buffer at all.
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
-                                              inplace_backward=True)
+                                              inplace_backward=True, fused=self.lm_head_path == FUSED)
         ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
                           mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm)
         loss = ppo.loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, norm)

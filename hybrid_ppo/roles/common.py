@@ -128,10 +128,16 @@ def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
 
 
 def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,
-                      inplace_backward: bool = False):
+                      inplace_backward: bool = False, fused: bool = False):
     """log pi(a_t | s_t) at the rollout temperature for every response token, through the one
-    door to the kernels (which scale by the temperature without a [B, R, V] copy)."""
+    door to the kernels (which scale by the temperature without a [B, R, V] copy). `fused`: no
+    [B, R, V] logits at all (roles/lm_head.py, whose `lm_head_path` says when that is possible)."""
     from hybrid_ppo import ops
+
+    if fused:
+        from hybrid_ppo.roles.lm_head import fused_response_logprobs
+
+        return fused_response_logprobs(model, seq, temperature, with_entropy)
 
     return ops.logprobs(response_logits(model, seq), seq.responses, temperature=temperature,
                         with_entropy=with_entropy, inplace_backward=inplace_backward)

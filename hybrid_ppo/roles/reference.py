@@ -8,15 +8,18 @@ from torch import Tensor
 from hybrid_ppo.algo.experience import Sequences
 from hybrid_ppo.config import Config
 from hybrid_ppo.roles.common import FrozenRole, response_logprobs, to_device, torch_dtype
+from hybrid_ppo.roles.lm_head import FUSED, lm_head_path
 from hybrid_ppo.roles.models import load_causal_lm
 
 
 class Reference(FrozenRole):
     def __init__(self, cfg: Config, dist, model_path: str):
         super().__init__(cfg, dist, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
+        self.lm_head_path = lm_head_path(self.model, zero_stage=0, role="reference")  # a plain module, unsharded
 
     @torch.no_grad()
     def logprobs(self, seq: Sequences) -> Tensor:
         """[B, R] log pi_ref of the sampled responses, at the rollout temperature like pi_old."""
-        return torch.cat([response_logprobs(self.model, to_device(c, self.device), self.cfg.rollout.temperature).cpu()
+        return torch.cat([response_logprobs(self.model, to_device(c, self.device), self.cfg.rollout.temperature,
+                                            fused=self.lm_head_path == FUSED).cpu()
                           for c in seq.chunks(self.cfg.train.micro_batch_size)])
