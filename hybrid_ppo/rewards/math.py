@@ -52,7 +52,12 @@ def _accepted(label: Any) -> list[str]:
 
 def score_one(answer: str, accepted: list[str]) -> float:
     """1.0 if `answer` equals any accepted answer symbolically. Runs in a worker process."""
+    import logging
+
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    # It warns on every call that its timeouts are off; they are off on purpose (see the module doc).
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
     # `$...$` makes the latex extractor read the whole answer, not hunt for a boxed part in it.
