@@ -94,7 +94,7 @@ def cmd_plan(cfg: Config, as_json: bool = False) -> int:
 
 
 def cmd_profile(cfg: Config, iterations: int = 3) -> int:
-    from hybrid_ppo.memory.profile_run import profile
+    from hybrid_ppo.profile_run import profile
 
     result = profile(cfg, iterations)
     print(result.table)

@@ -192,7 +192,7 @@ def run(args) -> dict:
     from transformers import LlamaForCausalLM
 
     from hybrid_ppo.config import RolloutConfig, load_config
-    from hybrid_ppo.ray_executor import RayExecutor
+    from hybrid_ppo.executor.ray import RayExecutor
     from hybrid_ppo.roles.actor import Actor
     from hybrid_ppo.rollout.worker import RolloutWorker
 

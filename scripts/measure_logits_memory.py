@@ -5,7 +5,7 @@
 
 Each variant runs in a fresh process (so the high-water mark is its own) on a Llama with a 32,000
 vocabulary: forward, log-probs of the response tokens, backward. `full` is what the actor did before
-(logits for all P + R positions, then the slice); `response` is `roles.common.response_logprobs`
+(logits for all P + R positions, then the slice); `response` is `roles.forward.response_logprobs`
 (the LM head sees the R response positions only). Peak = ru_maxrss after the step minus RSS before it.
 Prints a table and writes JSON.
 """
@@ -28,7 +28,7 @@ def _one(variant: str) -> dict:
 
     from hybrid_ppo import ops
     from hybrid_ppo.algo.experience import Sequences, position_ids
-    from hybrid_ppo.roles.common import response_logprobs
+    from hybrid_ppo.roles.forward import response_logprobs
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from hybrid_ppo.config import load_config
-from hybrid_ppo.memory.profile_run import write_profile
+from hybrid_ppo.profile_run import write_profile
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""DeepSpeed's CPU all-reduce workspace must not outlive the run (roles/common.py)."""
+"""DeepSpeed's CPU all-reduce workspace must not outlive the run (role_process.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     from hybrid_ppo.executor import DistInfo
-    from hybrid_ppo.roles.common import init_distributed
+    from hybrid_ppo.role_process import init_distributed
 
     init_distributed(DistInfo(rank=0, world_size=1, master_addr="127.0.0.1", master_port=int(sys.argv[1])))
     maps = open("/proc/self/maps").read()

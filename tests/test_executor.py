@@ -13,7 +13,7 @@ import ray
 from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import DistInfo, LocalExecutor, RoleError, make_executor
 from hybrid_ppo.placement import PlacementError, create_placement_group, make_plan
-from hybrid_ppo.ray_executor import RayExecutor, forwarded_env, rank_specs
+from hybrid_ppo.executor.ray import RayExecutor, forwarded_env, rank_specs
 
 ROLES = ("actor", "critic", "reference", "reward", "rollout")
 WITH_RM = ["model.reward_model=/models/rm", "model.reward_fn=null"]  # 5 roles x 0.2 fill each GPU

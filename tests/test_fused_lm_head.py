@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hybrid_ppo.algo.experience import Experience, Sequences
-from hybrid_ppo.roles.common import response_logprobs
+from hybrid_ppo.roles.forward import response_logprobs
 from hybrid_ppo.roles.lm_head import FUSED, MATERIALIZED, lm_head_path
 
 VOCAB = 32_000
@@ -107,7 +107,7 @@ def test_actor_update_fused_equals_materialized_zero2_two_ranks(tiny_model_dir):
     import ray
 
     from hybrid_ppo.config import load_config
-    from hybrid_ppo.ray_executor import RayExecutor
+    from hybrid_ppo.executor.ray import RayExecutor
     from hybrid_ppo.roles.actor import Actor
 
     cache = tempfile.mkdtemp(prefix="hppo18", dir="/tmp")  # short: Ray's socket paths live under it

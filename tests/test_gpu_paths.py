@@ -35,7 +35,7 @@ def _sequences(device: str) -> Sequences:
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_inplace_triton_backward_matches_torch_inside_a_model(temperature):
     from hybrid_ppo import ops
-    from hybrid_ppo.roles.common import response_logits
+    from hybrid_ppo.roles.forward import response_logits
 
     model, seq = _tiny_model("cuda"), _sequences("cuda")
     grads = {}

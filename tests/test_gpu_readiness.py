@@ -150,7 +150,7 @@ def test_the_shared_memory_barrier_runs_on_gloo_only(monkeypatch, tmp_path):
     import torch.distributed as torch_dist
 
     from hybrid_ppo.executor import DistInfo
-    from hybrid_ppo.roles import common
+    from hybrid_ppo import role_process as common
 
     def barrier():
         raise AssertionError("barrier on NCCL")

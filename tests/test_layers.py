@@ -1,5 +1,6 @@
 """No import cycles between hybrid_ppo's modules, nor between its subpackages (`roles`, `rollout`,
-`algo`, ... and the top-level modules), read from the source (AST), so a new one fails here.
+`algo`, ... and the top-level modules), and no import against the layer order (README, "How it is
+built"), read from the source (AST), so a new one fails here.
 
 Counted: imports that run when a module is imported (module level, also under `try:` or an
 `if`). Not counted: imports inside functions, the package's way of deferring a heavy or upward
@@ -14,12 +15,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybrid_ppo"
 
-# Issue 14 item 2, not untangled yet. Each entry is one strongly connected component; remove it
-# when the cycle is gone. A cycle not listed here, or a listed one that grows, fails the test.
+# A cycle to be untangled may be listed here, one strongly connected component per entry, while it
+# is; a cycle not listed, or a listed one that grows or is gone, fails the test.
 KNOWN_MODULE_CYCLES: set[frozenset[str]] = set()
-KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = {
-    frozenset({"roles", "rollout"}),  # rollout/worker.py imports roles.common; roles/actor.py imports rollout.weight_sync
-}
+KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = set()
+
+LAYERS: list[list[str]] = [
+    ["errors", "algo.types", "progress", "samples", "special_tokens", "stopping"],  # leaves: stdlib only
+    ["config"],
+    ["ops", "algo", "ptx", "checkpoint", "tasks", "data", "placement", "memory", "metrics", "rewards"],
+    ["executor", "role_process"],  # how role processes start, and what each one shares
+    ["rollout"],  # engines and the weight-sync protocol
+    ["roles"],  # actor (the sender of a weight sync), critic, reference, reward model
+    ["trainer"],
+    ["launch", "profile_run"],
+    ["cli"],
+]
+"""Bottom to top, as in the README: a module imports only from its own layer or the ones below it.
+An entry names a module or a package (all its modules); the longest entry that matches wins."""
 
 
 def module_name(path: Path) -> str:
@@ -120,6 +133,28 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
         if v not in index:
             connect(v)
     return found
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(entry), i) for i, layer in enumerate(LAYERS) for entry in layer
+               if module == entry or module.startswith(entry + ".")]
+    assert matches, f"hybrid_ppo.{module} is in no layer: add it to LAYERS here and to the README's layer list"
+    return max(matches)[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+                  for a, imports in graph.items() if a for b in imports if layer_of(b) > layer_of(a))
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_imports({"config": {"trainer"}, "trainer": {"config"}}) == [
+        "config (layer 1) imports trainer (layer 6)"]
+    assert layer_of("algo.types") < layer_of("config") < layer_of("algo.ppo")
+
+
+def test_no_import_against_the_layer_order():
+    assert not upward_imports(import_graph()), "\n".join(upward_imports(import_graph()))
 
 
 def test_the_cycle_finder_finds_a_cycle():

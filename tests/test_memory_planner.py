@@ -147,7 +147,7 @@ def test_capacity_keys_are_checked():
 def test_gpu_peaks_compare_without_contexts(small_model):
     """The GPU-only comparison: measured per-phase peaks against the plan less the CUDA contexts
     and communicators, which the allocator never sees."""
-    from hybrid_ppo.memory.profile_run import _peak_comparison
+    from hybrid_ppo.profile_run import _peak_comparison
 
     plan = estimate(_cfg(small_model))
     planned = sum(v for terms in plan.phases["train_actor"].roles.values() for k, v in terms.items()

@@ -22,7 +22,7 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def critic_pair():
-    from hybrid_ppo.ray_executor import RayExecutor
+    from hybrid_ppo.executor.ray import RayExecutor
     from hybrid_ppo.roles.critic import Critic
     from hybrid_ppo.tasks.tiny_model import build_tiny_llama
     from hybrid_ppo.tasks.tokenizer import build_tokenizer

@@ -20,7 +20,7 @@ from hybrid_ppo.executor import RoleError
 
 @pytest.fixture(scope="module")
 def critic_pair():
-    from hybrid_ppo.ray_executor import RayExecutor
+    from hybrid_ppo.executor.ray import RayExecutor
     from hybrid_ppo.roles.critic import Critic
     from hybrid_ppo.tasks.tiny_model import build_tiny_llama
     from hybrid_ppo.tasks.tokenizer import build_tokenizer

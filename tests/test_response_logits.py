@@ -8,7 +8,7 @@ import torch
 
 from hybrid_ppo import ops
 from hybrid_ppo.algo.experience import Sequences, position_ids
-from hybrid_ppo.roles.common import response_logits, response_logprobs
+from hybrid_ppo.roles.forward import response_logits, response_logprobs
 
 VOCAB = 32_000
 

@@ -203,7 +203,7 @@ class DiesOnSecondBucket(RolloutWorker):
 def test_sync_delivers_the_actors_weights_to_every_engine(checkpoint, tmp_path, zero_stage, engine, tp):
     """vLLM cases run where vLLM is installed (the vLLM venv in CI: .ci/run). With TP=2 the one
     engine's two workers each take the handle of the actor rank on their GPU."""
-    from hybrid_ppo.ray_executor import RayExecutor
+    from hybrid_ppo.executor.ray import RayExecutor
     from hybrid_ppo.roles.actor import Actor
 
     if engine == "vllm":

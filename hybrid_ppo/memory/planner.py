@@ -37,7 +37,7 @@ ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in e
 ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size, in elements
 CUDA_CONTEXT_BYTES = 512 << 20  # one CUDA context + cuBLAS workspace per process: ~0.5 GiB on H100 (typical; gpu_check measures)
 NCCL_COMMUNICATOR_BYTES = 256 << 20  # NCCL_BUFFSIZE 4 MiB x 2 directions x up to 32 channels per communicator
-# (without NVLS, which roles/common.py turns off: it would add ~288 MiB per rank on H100/H200, vllm#9699)
+# (without NVLS, which role_process.py turns off: it would add ~288 MiB per rank on H100/H200, vllm#9699)
 PROCESS_HOST_BYTES = 1 << 30  # pageable host memory of one role process (torch + libraries; ~0.5 GiB measured on CPU)
 UTILIZATION_STEP = 0.01  # resolution of the largest gpu_memory_utilization reported
 
@@ -149,7 +149,7 @@ def forward_activation_bytes(m: ModelShape, s: Setting) -> int:
 
 
 def logits_bytes(m: ModelShape, s: Setting) -> int:
-    """Response-only logits [b, R, V] in w bytes (roles/common.py computes no prompt logits); the log-prob
+    """Response-only logits [b, R, V] in w bytes (roles/forward.py computes no prompt logits); the log-prob
     kernel reads them once and writes the gradient in place, plus [b, R] fp32 log-probs and entropy."""
     return s.micro * s.response * (m.vocab * s.w + 2 * 4)
 
@@ -210,7 +210,7 @@ def fixed_bytes(role: Role, s: Setting, first_on_gpu: bool) -> dict[str, int]:
     if s.processes_per_gpu > 1 or first_on_gpu:
         terms["cuda_context"] = CUDA_CONTEXT_BYTES  # one per process (under the local executor: one in all)
     if s.ranks > 1 and role != Role.ROLLOUT:
-        terms["nccl"] = NCCL_COMMUNICATOR_BYTES  # each role forms its own process group (roles/common.py)
+        terms["nccl"] = NCCL_COMMUNICATOR_BYTES  # each role forms its own process group (role_process.py)
     return terms
 
 

@@ -12,7 +12,8 @@ from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.algo.ppo import KLEstimator, LossNorm, aggregate, kl_loss, masked_mean, policy_loss
 from hybrid_ppo.config import Config, KLPlacement
 from hybrid_ppo.ptx import PTXBatches, lm_loss, read_pretrain_texts
-from hybrid_ppo.roles.common import response_logprobs, to_device, torch_dtype
+from hybrid_ppo.role_process import torch_dtype
+from hybrid_ppo.roles.forward import response_logprobs, to_device
 from hybrid_ppo.roles.deepspeed_engine import full_numel, gathered_parameters
 from hybrid_ppo.roles.lm_head import FUSED, lm_head_path
 from hybrid_ppo.roles.models import load_causal_lm

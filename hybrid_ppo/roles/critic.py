@@ -9,7 +9,8 @@ from torch import Tensor
 from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.algo.ppo import LossNorm, value_loss
 from hybrid_ppo.config import Config
-from hybrid_ppo.roles.common import to_device, torch_dtype
+from hybrid_ppo.role_process import torch_dtype
+from hybrid_ppo.roles.forward import to_device
 from hybrid_ppo.roles.models import ValueModel
 from hybrid_ppo.roles.trained import TrainedRole
 

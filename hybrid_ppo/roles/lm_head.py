@@ -4,7 +4,7 @@ hidden states, and `ops.linear_logprobs` fuses the LM head with the log-prob (an
 Which path a role takes is decided once, at start (`lm_head_path`), and logged:
 
 * ``fused`` - the default.
-* ``materialized`` - `roles.common.response_logits` + `ops.logprobs`, for what the fused op cannot do:
+* ``materialized`` - `roles.forward.response_logits` + `ops.logprobs`, for what the fused op cannot do:
   heads that transform the logits after the matmul (a soft-cap or a logit scale, refused by name), and
   DeepSpeed ZeRO-3, where the head weight is a partition (numel 0) outside lm_head's own forward and
   `deepspeed.zero.GatheredParameters` would cut its gradient; running the op inside lm_head's hooked

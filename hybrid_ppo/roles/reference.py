@@ -7,7 +7,9 @@ from torch import Tensor
 
 from hybrid_ppo.algo.experience import Sequences
 from hybrid_ppo.config import Config
-from hybrid_ppo.roles.common import FrozenRole, response_logprobs, to_device, torch_dtype
+from hybrid_ppo.role_process import torch_dtype
+from hybrid_ppo.roles.forward import response_logprobs, to_device
+from hybrid_ppo.roles.frozen import FrozenRole
 from hybrid_ppo.roles.lm_head import FUSED, lm_head_path
 from hybrid_ppo.roles.models import load_causal_lm
 

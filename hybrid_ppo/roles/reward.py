@@ -37,7 +37,9 @@ from torch import Tensor
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config
 from hybrid_ppo.errors import HybridPPOError, InputError
-from hybrid_ppo.roles.common import FrozenRole, to_device, torch_dtype
+from hybrid_ppo.role_process import torch_dtype
+from hybrid_ppo.roles.forward import to_device
+from hybrid_ppo.roles.frozen import FrozenRole
 from hybrid_ppo.roles.models import load_sequence_classifier
 
 RewardFn = Callable[..., Sequence[float]]

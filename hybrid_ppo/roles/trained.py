@@ -20,7 +20,7 @@ from hybrid_ppo.config import Config
 from hybrid_ppo.errors import Diverged
 from hybrid_ppo.memory.residency import DeepSpeedResidency
 from hybrid_ppo.metrics import combine
-from hybrid_ppo.roles.common import ResidentRole, init_distributed, role_device
+from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.deepspeed_engine import build_engine
 
 CHECKPOINT_TAG = "state"

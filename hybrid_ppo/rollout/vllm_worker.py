@@ -27,7 +27,7 @@ import torch
 
 from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, device_key, handle_for, probe_opened
 
-BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"  # set by the executor for a TP>1 engine (ray_executor.rank_specs)
+BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"  # set by the executor for a TP>1 engine (executor/ray.py: rank_specs)
 
 PARTIAL_RELOAD_SINCE = (0, 32)
 """The oldest vLLM whose in-place reload keeps the layers a call leaves out (checked by tests)."""

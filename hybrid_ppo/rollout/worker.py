@@ -8,7 +8,7 @@ import torch
 
 from hybrid_ppo.config import Config, EngineKind
 from hybrid_ppo.memory.residency import EngineResidency
-from hybrid_ppo.roles.common import ResidentRole, role_device, torch_dtype
+from hybrid_ppo.role_process import ResidentRole, role_device, torch_dtype
 from hybrid_ppo.rollout.engine import Generation, RolloutEngine, SamplingParams
 from hybrid_ppo.rollout.weight_sync import BucketHandle
 

@@ -1,8 +1,9 @@
-"""What every role process shares: its torch.distributed group, its device, residency calls, models.
+"""What every role process shares, rollout workers included: its torch.distributed group, its
+device and dtype, and the residency calls the memory scheduler makes on it.
 
 Each multi-rank role (actor, critic, reference, ...) forms its *own* process group (gloo on CPU,
 nccl on GPU) at its own port: roles never share a collective, so one role's ranks can run while
-another's are offloaded.
+another's are offloaded. It sits below `roles` and `rollout`, so both import it without a loop.
 """
 
 from __future__ import annotations
@@ -10,16 +11,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from hybrid_ppo.algo.experience import Sequences, position_ids
-from hybrid_ppo.config import Config, DType
+from hybrid_ppo.config import DType
 from hybrid_ppo.memory.plan import State
 from hybrid_ppo.memory.profiler import release_cached_memory, reset_peak, snapshot
-from hybrid_ppo.memory.residency import ModuleResidency, Residency
+from hybrid_ppo.memory.residency import Residency
 
 
 def role_device() -> torch.device:
@@ -101,48 +100,3 @@ class ResidentRole:
         return {"seconds": seconds, "before": before.as_dict(), "after": after.as_dict(), "bytes": moved,
                 "wall_time": time.time(),  # the x axis of memory_timeline.png
                 "pid": os.getpid()}  # roles sharing a process (local executor) share these readings
-
-
-class FrozenRole(ResidentRole):
-    """A model that only runs forwards (reference, reward model): on its device, no grads,
-    moved to host and back as a whole by the scheduler."""
-
-    def __init__(self, cfg: Config, dist: Any, load: Callable[[], nn.Module]):
-        init_distributed(dist)  # no collectives today; the group is there for sharded inference
-        self.cfg, self.device = cfg, role_device()
-        self.model = load().to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.residency = ModuleResidency(self.model, self.device)
-
-
-def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
-    """[B, R, V] logits of the distributions that produced each response token.
-
-    Position P-1+t predicts response token t. Only those R positions go through the LM head
-    (transformers' `logits_to_keep` takes the indices), so no [B, P+R, V] tensor ever exists: with
-    a 150k vocabulary the prompt's logits would dwarf everything else in a micro-batch."""
-    keep = torch.arange(seq.prompt_len - 1, seq.tokens.shape[1] - 1, device=seq.tokens.device)
-    out = model(input_ids=seq.tokens, attention_mask=seq.attention_mask, position_ids=position_ids(seq.attention_mask),
-                logits_to_keep=keep)
-    return out.logits
-
-
-def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,
-                      inplace_backward: bool = False, fused: bool = False):
-    """log pi(a_t | s_t) at the rollout temperature for every response token, through the one
-    door to the kernels (which scale by the temperature without a [B, R, V] copy). `fused`: no
-    [B, R, V] logits at all (roles/lm_head.py, whose `lm_head_path` says when that is possible)."""
-    from hybrid_ppo import ops
-
-    if fused:
-        from hybrid_ppo.roles.lm_head import fused_response_logprobs
-
-        return fused_response_logprobs(model, seq, temperature, with_entropy)
-
-    return ops.logprobs(response_logits(model, seq), seq.responses, temperature=temperature,
-                        with_entropy=with_entropy, inplace_backward=inplace_backward)
-
-
-def to_device(seq: Sequences, device: torch.device) -> Sequences:
-    return Sequences(seq.tokens.to(device), seq.attention_mask.to(device), seq.action_mask.to(device))
-

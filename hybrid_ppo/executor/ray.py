@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hybrid_ppo.config import Config
-from hybrid_ppo.executor import LOCALHOST, DistInfo, Pending, RoleError, RoleGroup, RoleTimeout, _Ports
+from hybrid_ppo.executor.base import LOCALHOST, DistInfo, Pending, Ports, RoleError, RoleGroup, RoleTimeout
 from hybrid_ppo.placement import PlacementPlan, create_placement_group, make_plan
 from hybrid_ppo.stopping import check_abandoned
 
@@ -156,7 +156,7 @@ class RayExecutor:
         self.placement_group: Any = None
         self.owns_ray = False
         self._groups: list[RayRoleGroup] = []
-        self._ports = _Ports()
+        self._ports = Ports()
 
     def start(self) -> RayExecutor:
         """Start (or join) Ray and reserve the placement group."""

@@ -1,0 +1,23 @@
+"""The roles that only run forwards (reference, reward model)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from hybrid_ppo.config import Config
+from hybrid_ppo.memory.residency import ModuleResidency
+from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
+
+
+class FrozenRole(ResidentRole):
+    """A model that only runs forwards (reference, reward model): on its device, no grads,
+    moved to host and back as a whole by the scheduler."""
+
+    def __init__(self, cfg: Config, dist: Any, load: Callable[[], nn.Module]):
+        init_distributed(dist)  # no collectives today; the group is there for sharded inference
+        self.cfg, self.device = cfg, role_device()
+        self.model = load().to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.residency = ModuleResidency(self.model, self.device)
