@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from hybrid_ppo.compat import deepspeed as deepspeed_compat
 from hybrid_ppo.memory.plan import State
 
 
@@ -64,40 +65,15 @@ class _Tracked:
         return states
 
 
+DEEPSPEED_STATE_TYPES = {
+    State.WEIGHTS: ["lp_params"],
+    State.TRAIN_STATE: ["optim_states", "hp_params", "lp_grads", "contiguous_grad_buffer"],
+}
+"""Our states as DeepSpeed's `OffloadStateTypeEnum` names."""
+
+
 def _ds_state_types(states: frozenset[State]) -> list:
-    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as DS
-
-    mapping = {
-        State.WEIGHTS: [DS.lp_params],
-        State.TRAIN_STATE: [DS.optim_states, DS.hp_params, DS.lp_grads, DS.contiguous_grad_buffer],
-    }
-    return [t for s in states for t in mapping[s]]
-
-
-def _optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
-    """Adam's moments (and step counters), from the wrapped torch optimizer's state."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-
-
-def _zero2_parts(opt) -> dict[State, dict[str, list]]:
-    """The tensors ZeRO-1/2's offload_states moves (deepspeed/runtime/zero/stage_1_and_2.py)."""
-    grads = [g for group in opt.averaged_gradients.values() if group is not None for g in group]
-    return {State.WEIGHTS: {"lp_params": list(opt.bit16_groups_flat)},
-            State.TRAIN_STATE: {"hp_params": list(opt.single_partition_of_fp32_groups),
-                                "optim_states": _optimizer_state_tensors(opt), "lp_grads": grads}}
-
-
-def _zero3_parts(opt) -> dict[State, dict[str, list]]:
-    """The tensors ZeRO-3's offload_states moves (deepspeed/runtime/zero/stage3.py)."""
-    buffer = getattr(opt, "lp_param_buffer", None)
-    weights = [buffer] if buffer is not None else [p.ds_tensor for p in opt.module.parameters()]
-    ipg = [getattr(b, "buffer", None) for b in getattr(opt, "ipg_buckets", {}).values()]
-    return {State.WEIGHTS: {"lp_params": weights},
-            State.TRAIN_STATE: {"hp_params": list(opt.fp32_partitioned_groups_flat),
-                                "optim_states": _optimizer_state_tensors(opt),
-                                "lp_grads": [getattr(opt, "grad_partitions_flat_buffer", None)],
-                                "contiguous_grad_buffer": [t for t in ipg if isinstance(t, torch.Tensor)]}}
+    return deepspeed_compat.offload_state_types([kind for s in states for kind in DEEPSPEED_STATE_TYPES[s]])
 
 
 class DeepSpeedResidency(_Tracked):
@@ -115,22 +91,17 @@ class DeepSpeedResidency(_Tracked):
 
     def state_bytes(self, states: frozenset[State]) -> dict[str, dict[str, int]]:
         """Per state, per DeepSpeed state type (`OffloadStateTypeEnum` names): bytes on this rank."""
-        parts = _zero3_parts(self.engine.optimizer) if self.engine.zero_optimization_stage() == 3 \
-            else _zero2_parts(self.engine.optimizer)
-        return {s.value: {name: tensor_bytes(ts) for name, ts in parts[s].items()} for s in states}
+        tensors = deepspeed_compat.state_tensors(self.engine)
+        return {s.value: {kind: tensor_bytes(tensors[kind]) for kind in DEEPSPEED_STATE_TYPES[s] if kind in tensors}
+                for s in states}
 
     def reload(self, states: frozenset[State]) -> None:
         if not self._check(states, want_resident=False):
             return
-        # DeepSpeed's reload_states() brings back everything it offloaded; hide the states we
-        # want to stay on the host so that, e.g., SCORE reloads weights without the optimizer.
-        offloaded = self.engine.optimizer.offloaded_states
-        stay = {t for t in offloaded if t not in _ds_state_types(states)}
-        offloaded.difference_update(stay)
-        try:
+        # DeepSpeed's reload_states() brings back everything it offloaded; SCORE, e.g., reloads
+        # the weights without the optimizer.
+        with deepspeed_compat.reloading_only(self.engine, _ds_state_types(states)):
             self.engine.reload_states()
-        finally:
-            offloaded.update(stay)
         self.resident |= states
 
 
@@ -184,6 +155,8 @@ def _padded(tensor: torch.Tensor) -> int:
 
 
 class SleepableEngine(Protocol):
+    """What residency needs of a rollout engine (rollout/engine.py's `RolloutEngine` is one)."""
+
     def sleep(self, level: int) -> None: ...
 
     def wake_up(self, tags: list[str]) -> None: ...
@@ -213,8 +186,8 @@ class EngineResidency(_Tracked):
         self.resident -= states
 
     def state_bytes(self, states: frozenset[State]) -> dict[str, dict[str, int]]:
-        """What the engine says its weights and KV cache occupy (an engine that cannot tell: {})."""
-        sizes = self.engine.memory_bytes() if hasattr(self.engine, "memory_bytes") else {}
+        """What the engine says its weights and KV cache occupy (a size it cannot tell is left out)."""
+        sizes = self.engine.memory_bytes()
         return {s.value: {s.value: sizes[s.value]} for s in states if s.value in sizes}
 
     def reload(self, states: frozenset[State]) -> None:

