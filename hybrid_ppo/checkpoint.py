@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from hybrid_ppo.atomic_file import fsync_dir, write_text_atomic
 from hybrid_ppo.errors import HybridPPOError
 
 CHECKPOINTS = "checkpoints"
@@ -57,8 +58,8 @@ def write_checkpoint(run_dir: Path, iteration: int, write: Callable[[Path], dict
     if final.exists():  # the same iteration saved again (resumed, then stopped at once)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
+    fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n")
     prune(root, keep)
     return final
 
@@ -102,22 +103,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -130,12 +121,4 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))

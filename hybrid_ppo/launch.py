@@ -26,6 +26,7 @@ from typing import Iterator
 
 import yaml
 
+from hybrid_ppo.atomic_file import write_text_atomic
 from hybrid_ppo.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, read_state, replace_dir,
                                    write_checkpoint)
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, LRSchedule, load_config
@@ -217,7 +218,7 @@ def resume(run_dir: str | Path, overrides: list[str]) -> RunResult:
     with log_handler(logging.StreamHandler(sys.stdout)):
         setup_environment(cfg)
         inputs = load_inputs(cfg)
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         before, after, is_accuracy = run_logged(run_dir, cfg, inputs, checkpoint)
     return RunResult(run_dir, before, after, time.perf_counter() - start, is_accuracy)
 
@@ -372,9 +373,3 @@ def _latest_or_none(run_dir: Path) -> Path | None:
         return latest_checkpoint(run_dir)
     except CheckpointError:
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from hybrid_ppo.atomic_file import write_text_atomic
 from hybrid_ppo.errors import Diverged
 from hybrid_ppo.memory.plan import SAVE_PHASES
 from hybrid_ppo.memory.scheduler import Move
@@ -75,9 +75,7 @@ def keep_through(path: Path, iteration: int) -> None:
     if not path.is_file():
         return
     records = [r for r in read_metrics(path) if r["iteration"] <= iteration]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def keep_timeline_through(path: Path, iteration: int) -> None:
@@ -98,9 +96,7 @@ def keep_timeline_through(path: Path, iteration: int) -> None:
                 and records[end + 1].get("phase") in SAVE_PHASE_NAMES:
             end += 1
     kept = [r for i, r in enumerate(records) if r["iteration"] < iteration or r["iteration"] == iteration and i <= end]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 SAVE_PHASE_NAMES = frozenset(p.value for p in SAVE_PHASES)

@@ -8,6 +8,7 @@ another's are offloaded. It sits below `roles` and `rollout`, so both import it 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -74,6 +75,13 @@ class ResidentRole:
     """The scheduler's handle on a role: move named states and report memory around the move."""
 
     residency: Residency
+
+    def started(self) -> None:
+        """Called once by the executor when every rank of the role is built. DeepSpeed's
+        offload_states() runs gc.collect() three times; over the ~10^6 objects that torch,
+        transformers and DeepSpeed leave after start-up that cost ~0.75 s per offload (measured on
+        CPU). Freezing them, once they exist, makes each collect scan only what came later (~1 ms)."""
+        gc.freeze()
 
     def offload_states(self, states: list[str]) -> dict[str, Any]:
         return self._move(self.residency.offload, states, count_before=True)

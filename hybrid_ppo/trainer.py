@@ -296,8 +296,7 @@ class PPOTrainer:
         mask = rollout.sequences.action_mask
         lengths = mask.sum(-1).float()
         ends_in_eos = (is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
-        stats = {"rollout/response_tokens": float(lengths.mean()),
-                 "rollout/truncated_frac": float((~ends_in_eos).float().mean()),
+        stats = {"rollout/truncated_frac": float((~ends_in_eos).float().mean()),
                  "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                  "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean()),
                  "rollout/tokens_per_s": float(mask.sum()) / rollout.generate_s}

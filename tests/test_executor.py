@@ -23,7 +23,10 @@ class Probe:
     """A stand-in role: reports, from inside its process, where Ray put it."""
 
     def __init__(self, cfg, dist: DistInfo, tag: str = ""):
-        self.dist, self.tag = dist, tag
+        self.dist, self.tag, self.starts = dist, tag, 0
+
+    def started(self) -> None:  # the executor's call once every rank is built
+        self.starts += 1
 
     def where(self) -> dict:
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
@@ -37,6 +40,7 @@ class Probe:
             "resources": ctx.get_assigned_resources() if ctx else None,
             "pg": ctx.get_placement_group_id() if ctx else None,
             "hf_offline": os.environ.get("HF_HUB_OFFLINE"),
+            "starts": self.starts,
         }
 
     def shard_sum(self, shard: list[int], scale: int = 1) -> tuple[int, int]:
@@ -117,6 +121,7 @@ def test_every_rank_on_its_bundle_with_its_fraction(executor, groups):
             assert where["cuda_visible"] == str(rank)
             assert where["pg"] == pg_id
             assert where["hf_offline"] == "1"
+            assert where["starts"] == 1  # started() once, after every rank was built
             assert where["resources"]["GPU"] == pytest.approx(0.2)
             assert where["resources"]["CPU"] == pytest.approx(0.05)
             pids.add(where["pid"])
@@ -169,6 +174,7 @@ def test_local_executor_runs_the_same_probe_in_process():
         groups = {role: ex.spawn(role, Probe, role) for role in ROLES}
         infos = [g.call_rank(0, "where") for g in groups.values()]
         assert {w["pid"] for w in infos} == {os.getpid()}
+        assert {w["starts"] for w in infos} == {1}
         assert {w["dist"] for w in infos} == {ex.dist}  # one shared world of size 1
         assert ex.dist.rank == 0 and ex.dist.world_size == 1
         assert groups["actor"].world_size == 1

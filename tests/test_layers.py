@@ -21,9 +21,9 @@ KNOWN_MODULE_CYCLES: set[frozenset[str]] = set()
 KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = set()
 
 LAYERS: list[list[str]] = [
-    ["errors", "algo.types", "progress", "samples", "special_tokens", "stopping"],  # leaves: stdlib only
+    ["errors", "algo.types", "atomic_file", "progress", "samples", "seeding", "special_tokens", "stopping"],  # leaves: stdlib only
     ["config"],
-    ["ops", "algo", "ptx", "checkpoint", "tasks", "data", "placement", "memory", "metrics", "rewards"],
+    ["compat", "ops", "algo", "ptx", "checkpoint", "tasks", "data", "placement", "memory", "metrics", "rewards"],
     ["executor", "role_process"],  # how role processes start, and what each one shares
     ["rollout"],  # engines and the weight-sync protocol
     ["roles"],  # actor (the sender of a weight sync), critic, reference, reward model

@@ -80,7 +80,8 @@ def qwen_reward_model(chat_checkpoint, tmp_path_factory):
 
 
 def test_reward_model_picks_the_last_real_token_when_pad_is_eos(qwen_reward_model):
-    from hybrid_ppo.roles.reward import last_token_index, score_last_token
+    from hybrid_ppo.algo.advantages import last_token_index
+    from hybrid_ppo.roles.reward import score_last_token
 
     path, model = qwen_reward_model
     eos = 151643  # Qwen's <|endoftext|>: a stop token in generation_config and the tokenizer's pad

@@ -1,4 +1,5 @@
-"""The ADVANTAGE phase: token-level rewards, GAE (through ``hybrid_ppo.ops``), whitening.
+"""The ADVANTAGE phase's pieces: token-level rewards and whitening (GAE itself is ``ops.gae``, called
+by algo/estimators.py).
 
 Tensors are ``[B, T]`` over response positions unless noted; ``mask`` is 1 on
 response tokens, 0 on prompt and padding (left or right).
@@ -11,7 +12,6 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from hybrid_ppo import ops
 from hybrid_ppo.algo.ppo import masked_sum
 
 # Added to the variance before the square root, so a constant batch whitens to
@@ -76,26 +76,3 @@ def token_rewards(
     has_response = mask.bool().any(dim=-1)  # [B]
     final_reward = torch.where(has_response, sequence_rewards.float(), 0.0)  # [B]
     return rewards.scatter_add(-1, last_token_index(mask).unsqueeze(-1), final_reward.unsqueeze(-1))
-
-
-@torch.no_grad()
-def compute_advantages(  # the driver-side reference of the gae estimator (algo/estimators.py)
-    rewards: Tensor,
-    values: Tensor,
-    mask: Tensor,
-    gamma: float,
-    lam: float,
-    whiten_advantages: bool = True,
-    backend: str = "auto",
-) -> Advantages:
-    """GAE advantages and returns, then (optionally) whitened advantages.
-
-    GAE itself is ``hybrid_ppo.ops.gae`` (Triton on CUDA, the torch reference
-    otherwise; ``backend`` is passed through). Returns are A + V from the raw
-    advantages, so whitening changes only what the actor sees, not the
-    critic's targets. Runs under ``no_grad``: rollout data carries no graph.
-    """
-    advantages, returns = ops.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
-    if whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return Advantages(advantages=advantages, returns=returns)

@@ -71,6 +71,8 @@ class LocalExecutor:
             instance = cls(self.cfg, self.dist, *extra_args)
         except Exception as err:
             raise RoleError(role, 0, "__init__", err) from err
+        if callable(getattr(instance, "started", None)):
+            instance.started()
         group = LocalRoleGroup(role, instance)
         self._groups.append(group)
         return group

@@ -86,9 +86,10 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class RayRoleGroup(RoleGroup):
-    def __init__(self, name: str, handles: list, closable: bool = False):
+    def __init__(self, name: str, handles: list, closable: bool = False, startable: bool = False):
         self.name, self.world_size, self._handles = name, len(handles), handles
         self.closable = closable  # the role class has close(): shutdown calls it before killing
+        self.startable = startable  # the role class has started(): called once every rank is built
 
     @property
     def members(self) -> list:
@@ -112,6 +113,8 @@ class RayRoleGroup(RoleGroup):
         """
         refs = [h.__ray_ready__.remote() for h in self._handles]
         self._gather("__init__", list(enumerate(refs)), timeout_s)
+        if self.startable:
+            self.call("started")
 
     def _bound(self, rank: int, method: str) -> Any:
         try:
@@ -221,7 +224,8 @@ class RayExecutor:
                 num_gpus=spec.gpu, num_cpus=spec.cpu, scheduling_strategy=strategy,
                 runtime_env={"env_vars": actor_env} if actor_env else None,
             ).remote(self.cfg, dist, *extra_args))
-        group = RayRoleGroup(role, handles, closable=callable(getattr(cls, "close", None)))
+        group = RayRoleGroup(role, handles, closable=callable(getattr(cls, "close", None)),
+                             startable=callable(getattr(cls, "started", None)))
         self._groups.append(group)
         if wait:
             group.wait_ready()

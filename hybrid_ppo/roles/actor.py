@@ -19,6 +19,7 @@ from hybrid_ppo.roles.lm_head import FUSED, lm_head_path
 from hybrid_ppo.roles.models import load_causal_lm
 from hybrid_ppo.roles.trained import TrainedRole
 from hybrid_ppo.rollout.weight_sync import PROBE_NAME, BucketHandle, BucketStager, bucket_plan, device_key, probe_tensor
+from hybrid_ppo.seeding import derived_seed
 
 
 class Actor(TrainedRole):
@@ -38,7 +39,7 @@ class Actor(TrainedRole):
 
         max_tokens = self.cfg.data.max_prompt_tokens + self.cfg.rollout.max_new_tokens
         return PTXBatches(read_pretrain_texts(self.cfg.data.pretrain), AutoTokenizer.from_pretrained(self.model_path),
-                          self.cfg.train.micro_batch_size, max_tokens, self.cfg.train.seed * 1_000_003 + self.rank)
+                          self.cfg.train.micro_batch_size, max_tokens, derived_seed(self.cfg.train.seed, self.rank))
 
     def ptx_loss(self) -> Tensor:
         """LM loss on the next pretraining micro-batch (differentiable)."""

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from hybrid_ppo.algo.advantages import last_token_index
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config
 from hybrid_ppo.errors import HybridPPOError, InputError
@@ -163,17 +164,11 @@ class RewardModel(FrozenRole):
         return scores
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """[B] column of each row's last real token: the last 1 of the attention mask. Prompts are
-    left-padded and responses right-padded, so a pad id cannot say where a row ends (and when
-    pad == EOS, looking for it would stop at the response's own EOS or miss the end)."""
-    width = attention_mask.shape[1]
-    return width - 1 - attention_mask.flip(-1).long().argmax(-1)
-
-
 def score_last_token(model, seq: Sequences) -> Tensor:
     """[B] the classifier's score at each row's last real token. The backbone and the `score`
-    head run separately: transformers' own pooling looks for `pad_token_id`."""
+    head run separately: transformers' own pooling looks for `pad_token_id`, and a pad id cannot
+    say where a row ends (prompts are left-padded, responses right-padded, and pad may be EOS):
+    the last 1 of the attention mask does."""
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=seq.tokens, attention_mask=seq.attention_mask,
                       position_ids=position_ids(seq.attention_mask)).last_hidden_state  # [B, T, H]

@@ -3,7 +3,6 @@ ADVANTAGE phase, which runs on the critic's ranks (the actor's without a critic)
 
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
 from typing import Callable
 
@@ -22,6 +21,7 @@ from hybrid_ppo.memory.residency import DeepSpeedResidency
 from hybrid_ppo.metrics import combine
 from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.deepspeed_engine import build_engine
+from hybrid_ppo.seeding import derived_seed
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed's tag (sub-directory) inside a role's checkpoint directory."""
@@ -45,10 +45,6 @@ class TrainedRole(ResidentRole):
         self.residency = DeepSpeedResidency(self.engine)
         self.skipped_in_a_row = 0  # optimizer steps skipped for a non-finite loss since the last real one
         self.poisoned = False  # a micro-batch of the optimizer step being accumulated had a non-finite loss
-        # DeepSpeed's offload_states() runs gc.collect() three times. Over the ~10^6 objects that
-        # torch, transformers and DeepSpeed leave after start-up that costs ~0.75 s per offload
-        # (measured on CPU); freezing them makes each collect scan only what came later (~1 ms).
-        gc.freeze()
 
     def loss(self, micro: Experience, norm: LossNorm, **loss_args: float) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's share of its mini-batch's loss (`norm`), and detached diagnostics."""
@@ -63,8 +59,8 @@ class TrainedRole(ResidentRole):
         `loss_args` go to `loss` (the actor's current KL coefficient)."""
         self.engine.train()
         # Seeded from (seed, iteration, rank): dropout and the order repeat exactly after a resume.
-        torch.manual_seed((self.cfg.train.seed * 1_000_003 + iteration) * 1009 + self.rank)
-        order = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + iteration)
+        torch.manual_seed(derived_seed(self.cfg.train.seed, iteration, self.rank))
+        order = torch.Generator().manual_seed(derived_seed(self.cfg.train.seed, iteration))
         stats: dict[str, list[float]] = defaultdict(list)
         epochs_run, skipped = 0, 0
         for _ in range(self.cfg.train.ppo_epochs):

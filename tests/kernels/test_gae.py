@@ -7,7 +7,8 @@ import torch
 
 from hybrid_ppo import ops
 from hybrid_ppo_kernels._utils import HAS_TRITON
-from hybrid_ppo_kernels.gae import gae_torch, gae_torch_chunked, gae_triton
+from hybrid_ppo_kernels.experimental.gae_scan import gae_torch_chunked, gae_triton_scan
+from hybrid_ppo_kernels.gae import gae_torch, gae_triton
 
 # Natively on a GPU box; on CPU under triton's interpreter (tests/kernels/conftest.py sets it up).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +47,7 @@ def _check_once(shape, dtype, atol=None, rtol=None, *, padding="right", variant=
     tol = TOL[dtype] if atol is None else dict(atol=atol, rtol=rtol)
     rewards, values, mask = _make(shape, dtype, padding)
     mask = mask.to(mask_dtype)
-    adv, ret = gae_triton(rewards, values, mask, GAMMA, LAM, variant=variant)
+    adv, ret = KERNELS[variant](rewards, values, mask, GAMMA, LAM)
     adv_ref, ret_ref = gae_torch(rewards, values, mask, GAMMA, LAM)
     assert adv.dtype == ret.dtype == torch.float32 and adv.shape == shape
     torch.testing.assert_close(adv, adv_ref, **tol)
@@ -56,7 +57,8 @@ def _check_once(shape, dtype, atol=None, rtol=None, *, padding="right", variant=
 
 
 SHAPES = [(4, 37), (1, 1), (1, 50), (3, 300), (70, 20)]  # odd T, T=1, one row, >1 scan chunk, >1 program
-VARIANTS = ["loop", "scan"]
+KERNELS = {"loop": gae_triton, "scan": gae_triton_scan}  # the shipped kernel, and the experimental one
+VARIANTS = list(KERNELS)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -83,7 +85,7 @@ def test_gae_strided_inputs(variant):
     rewards, values_full, mask = _make((4, 31), torch.float32, "left")
     values = torch.cat([values_full, values_full[:, :1]], dim=1)[:, :-1]
     assert not values.is_contiguous()
-    adv, ret = gae_triton(rewards, values, mask, GAMMA, LAM, variant=variant)
+    adv, ret = KERNELS[variant](rewards, values, mask, GAMMA, LAM)
     adv_ref, ret_ref = gae_torch(rewards, values, mask, GAMMA, LAM)
     torch.testing.assert_close((adv, ret), (adv_ref, ret_ref), **TOL[torch.float32])
 
@@ -109,7 +111,7 @@ def test_gae_matches_openrlhf_loop(padding):
 def test_gae_extreme_coefficients(gamma, lam):
     rewards, values, mask = _make((3, 40), torch.float32, "right")
     for variant in VARIANTS:
-        out = gae_triton(rewards, values, mask, gamma, lam, variant=variant)
+        out = KERNELS[variant](rewards, values, mask, gamma, lam)
         torch.testing.assert_close(out, gae_torch(rewards, values, mask, gamma, lam), **TOL[torch.float32])
 
 
