@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -46,14 +47,30 @@ class RunFailed(HybridPPOError):
         super().__init__(f"run in {run_dir} failed")
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (HybridPPOError, OSError, KeyboardInterrupt)
+USER_ERRORS: tuple[type[BaseException], ...] = (HybridPPOError, OSError, KeyboardInterrupt, MemoryError)
 """What a user can act on. Anything else is a bug in hybrid-ppo and says so."""
 
 BUG = "internal error, please report it"
 
 
 def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, USER_ERRORS) and not isinstance(err, NotImplementedError)
+    return is_user_error_type(type(err))
+
+
+def is_user_error_type(cls: type) -> bool:
+    return (issubclass(cls, USER_ERRORS) or is_out_of_memory(cls)) and not issubclass(cls, NotImplementedError)
+
+
+def is_out_of_memory(cls: type) -> bool:
+    """torch.OutOfMemoryError (a RuntimeError) or host MemoryError: the user acts on it with a
+    smaller micro-batch or engine share. torch is looked up, not imported: errors.py imports
+    nothing heavy, and anything that ran out of device memory imported torch long before."""
+    torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    return issubclass(cls, MemoryError) or isinstance(torch_oom, type) and issubclass(cls, torch_oom)
+
+
+OUT_OF_MEMORY_HINT = ("out of memory: lower train.micro_batch_size (or rollout.gpu_memory_utilization for "
+                      "the engine); `hybrid-ppo plan CONFIG` estimates every phase")
 
 
 def one_line(err: BaseException, traceback_file: Path | None = None) -> tuple[str, int]:
@@ -71,15 +88,16 @@ def one_line(err: BaseException, traceback_file: Path | None = None) -> tuple[st
         err = err.__cause__ or err
     if isinstance(err, RoleError) and not err.died:
         where = f"role '{err.role}' rank {err.rank}" + (f", phase {err.phase}" if err.phase else "")
-        cause = err.cause
+        cause_type, cause_name = err.cause_type, err.cause_type_name
         message = f"{err.cause_text} ({where})"
     elif isinstance(err, KeyboardInterrupt):
-        cause, message = err, "interrupted (Ctrl-C) before the run started"
+        cause_type, cause_name, message = type(err), type(err).__name__, "interrupted (Ctrl-C) before the run started"
     else:
-        cause, message = err, _text(err)
-    constructor = getattr(cause, "actor_init_failed", False)  # a Ray role's __init__ raised: only its text is left
-    if not constructor and not is_user_error(cause):
-        message = f"{BUG}: {type(cause).__name__}: {message}"
+        cause_type, cause_name, message = type(err), type(err).__name__, _text(err)
+    if cause_type is not None and is_out_of_memory(cause_type):
+        message = f"{OUT_OF_MEMORY_HINT}: {message}"
+    elif not (cause_type is not None and is_user_error_type(cause_type)):
+        message = f"{BUG}: {cause_name}: {message}"
         if run_dir is None and traceback_file is not None:
             message += f"; traceback in {traceback_file}"
     if run_dir is not None:

@@ -65,6 +65,42 @@ def test_a_bug_inside_a_role_says_it_is_a_bug_and_where_its_traceback_is():
     assert message == "internal error, please report it: ValueError: shape mismatch; traceback in /tmp/x.traceback"
 
 
+def _failed_ray_constructor(remote_traceback: str) -> RoleError:
+    """What a Ray role whose __init__ raised gives the driver: ActorDiedError, holding the remote
+    traceback's text only (ray/exceptions.py), not the exception."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    died = ActorDiedError(RayTaskError("Actor.__init__", remote_traceback, RuntimeError("not kept")))
+    assert died.actor_init_failed
+    return RoleError("actor", 1, "__init__", died)
+
+
+def test_a_failed_ray_constructor_is_a_user_error_only_if_its_class_is_one():
+    user = _failed_ray_constructor("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                   "hybrid_ppo.config.ConfigError: config key 'model.actor': no config.json in /m")
+    assert one_line(user)[0] == "config key 'model.actor': no config.json in /m (role 'actor' rank 1)"
+    assert "raised ConfigError: config key" in str(user)
+    bug = _failed_ray_constructor("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                  "AttributeError: 'NoneType' object has no attribute 'shape'")
+    message, code = one_line(bug)
+    assert message == ("internal error, please report it: AttributeError: 'NoneType' object has no attribute "
+                       "'shape' (role 'actor' rank 1)") and code == 1
+    unknown = _failed_ray_constructor("Traceback:\nsomepkg.NoSuchError: gone")
+    assert one_line(unknown)[0].startswith("internal error, please report it: NoSuchError: gone")
+
+
+def test_out_of_memory_in_a_role_is_the_users_to_act_on_and_says_how():
+    import torch
+
+    oom = RoleError("actor", 0, "train", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"))
+    oom.phase = "train_actor"
+    message, code = one_line(failed_run(oom))
+    assert message.startswith("out of memory: lower train.micro_batch_size (or rollout.gpu_memory_utilization "
+                              "for the engine); `hybrid-ppo plan CONFIG` estimates every phase: CUDA out of memory. "
+                              "Tried to allocate 4.00 GiB (role 'actor' rank 0, phase train_actor)")
+    assert "internal error" not in message and code == 1
+
+
 def test_every_error_raised_for_the_user_shares_one_base():
     from hybrid_ppo.checkpoint import CheckpointError
     from hybrid_ppo.config import ConfigError

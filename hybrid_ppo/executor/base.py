@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import socket
 from abc import ABC, abstractmethod
@@ -15,6 +16,7 @@ LOCALHOST = "127.0.0.1"
 """Rendezvous address of every role group: the trainer is single-node."""
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning|[A-Z]\w*)): (?P<message>.*)$")
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,41 @@ class RoleError(HybridPPOError, RuntimeError):
         where = f"role '{self.role}' rank {self.rank}" + (f" in phase {self.phase}" if self.phase else "")
         if self.died:
             return f"{where}: the process died during {self.method}()"
-        return f"{where}: {self.method}() raised {type(self.cause).__name__}: {self.cause_text}"
+        return f"{where}: {self.method}() raised {self.cause_type_name}: {self.cause_text}"
+
+    def _remote_last_line(self) -> tuple[str, str] | None:
+        """A failed Ray constructor reaches us as Ray's ActorDiedError, which keeps only the text
+        of the remote traceback (not the exception): its last line is the rank's `Type: message`."""
+        if not getattr(self.cause, "actor_init_failed", False):
+            return None
+        lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(self.cause)).splitlines() if line.strip()]
+        match = _EXCEPTION_LINE.match(lines[-1]) if lines else None
+        return (match["type"], match["message"]) if match else None
 
     @property
     def cause_text(self) -> str:
-        """The rank's own message. A failed constructor reaches us as Ray's ActorDiedError, whose
-        text is the whole remote traceback: its last line is the rank's `Type: message`."""
-        text = _ANSI_ESCAPE.sub("", str(self.cause))  # Ray colours its remote tracebacks
-        if getattr(self.cause, "actor_init_failed", False):
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            return lines[-1] if lines else text
-        return text
+        """The rank's own message."""
+        remote = self._remote_last_line()
+        return remote[1] if remote else _ANSI_ESCAPE.sub("", str(self.cause))  # Ray colours its tracebacks
+
+    @property
+    def cause_type_name(self) -> str:
+        remote = self._remote_last_line()
+        return remote[0].rpartition(".")[2] if remote else type(self.cause).__name__
+
+    @property
+    def cause_type(self) -> type | None:
+        """The rank's exception class; for a failed Ray constructor, the class its traceback's last
+        line names (None if that names no class importable here)."""
+        remote = self._remote_last_line()
+        if remote is None:
+            return None if getattr(self.cause, "actor_init_failed", False) else type(self.cause)
+        module, _, name = remote[0].rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module or "builtins"), name)
+        except (ImportError, AttributeError, ValueError):
+            return None
+        return found if isinstance(found, type) and issubclass(found, BaseException) else None
 
 
 class RoleTimeout(HybridPPOError, TimeoutError):
