@@ -1,5 +1,10 @@
 """Checkpoints as directories that appear whole.
 
+A run directory holds two kinds: resumable checkpoints (everything a resume needs, DeepSpeed's
+format) and Hugging Face exports of the actor (what vLLM or `from_pretrained` loads, no optimizer):
+
+    RUN_DIR/hf/final/           the actor after the last iteration (HF_FINAL)
+    RUN_DIR/hf/iter_000010/     every `logging.save_hf_every` iterations
     RUN_DIR/checkpoints/
       iter_000010/            a complete checkpoint
         actor/  critic/       DeepSpeed's own save_checkpoint: weights, optimizer, LR schedule,
@@ -30,6 +35,8 @@ from hybrid_ppo.atomic_file import fsync_dir, write_text_atomic
 from hybrid_ppo.errors import HybridPPOError
 
 CHECKPOINTS = "checkpoints"
+HF_EXPORTS = "hf"
+HF_FINAL = f"{HF_EXPORTS}/final"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^iter_(\d{6,})$")

@@ -74,7 +74,7 @@ def cmd_resume(args: list[str]) -> int:
 def cmd_plan(cfg: Config, as_json: bool = False) -> int:
     from hybrid_ppo.launch import memory_plan
     from hybrid_ppo.memory.plan import Role, describe
-    from hybrid_ppo.memory.planner import estimate
+    from hybrid_ppo.memory.estimate import estimate
     from hybrid_ppo.placement import make_plan
 
     placement = make_plan(cfg)

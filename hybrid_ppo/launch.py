@@ -27,11 +27,11 @@ from typing import Iterator
 import yaml
 
 from hybrid_ppo.atomic_file import write_text_atomic
-from hybrid_ppo.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, read_state, replace_dir,
-                                   write_checkpoint)
+from hybrid_ppo.checkpoint import (HF_EXPORTS, HF_FINAL, CheckpointError, checkpoint_name, latest_checkpoint,
+                                   read_state, replace_dir, write_checkpoint)
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, LRSchedule, load_config
 from hybrid_ppo.errors import InputError, RunFailed
-from hybrid_ppo.memory.plan import Phase, Residency, Role, phase_plan, resident_everything
+from hybrid_ppo.memory.plan import Phase, ResidentStates, Role, phase_plan, resident_everything
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, read_metrics
 from hybrid_ppo.placement import roles_for
@@ -122,7 +122,7 @@ def resolve_models(cfg: Config) -> dict[str, str | None]:
             "reward": resolve_model("model.reward_model", m.reward_model, cfg) if m.reward_model else None}
 
 
-def memory_plan(cfg: Config) -> dict[Phase, Residency]:
+def memory_plan(cfg: Config) -> dict[Phase, ResidentStates]:
     """The phase plan for the roles this config runs (`memory.offload=false`: keep everything)."""
     roles = [Role(r) for r in roles_for(cfg)]
     return phase_plan(roles) if cfg.memory.offload else resident_everything(roles)
@@ -199,7 +199,7 @@ def train(cfg: Config) -> RunResult:
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         run_dir = make_run_dir(cfg)
-        before, after, is_accuracy = run_logged(run_dir, cfg, inputs, checkpoint=None)
+        before, after, is_accuracy = run_with_train_log(run_dir, cfg, inputs, checkpoint=None)
     return RunResult(run_dir, before, after, time.perf_counter() - start, is_accuracy)
 
 
@@ -219,7 +219,7 @@ def resume(run_dir: str | Path, overrides: list[str]) -> RunResult:
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        before, after, is_accuracy = run_logged(run_dir, cfg, inputs, checkpoint)
+        before, after, is_accuracy = run_with_train_log(run_dir, cfg, inputs, checkpoint)
     return RunResult(run_dir, before, after, time.perf_counter() - start, is_accuracy)
 
 
@@ -247,13 +247,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     return cfg
 
 
-def run_logged(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None) -> tuple[float, float, bool]:
-    """`train_in` with train.log attached; a failure's traceback goes there, and out as RunFailed."""
+def run_with_train_log(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None) -> tuple[float, float, bool]:
+    """`train_in_run_dir` with train.log attached; a failure's traceback goes there, and out as RunFailed."""
     try:
         with log_handler(logging.FileHandler(run_dir / "train.log")):
             if checkpoint is not None:
                 log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, read_state(checkpoint)["iteration"])
-            return train_in(run_dir, cfg, inputs, checkpoint)
+            return train_in_run_dir(run_dir, cfg, inputs, checkpoint)
     except BaseException as err:
         with open(run_dir / "train.log", "a") as log_file:
             log_file.write(f"run failed: {type(err).__name__}: {err}\n")
@@ -261,7 +261,7 @@ def run_logged(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | No
         raise RunFailed(run_dir, _latest_or_none(run_dir)) from err
 
 
-def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None = None) -> tuple[float, float, bool]:
+def train_in_run_dir(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None = None) -> tuple[float, float, bool]:
     """Start the executor, build the roles (restored from `checkpoint` if given), run PPO, export."""
     from hybrid_ppo.data import PromptBatches, prompt_key
     from hybrid_ppo.executor import make_executor
@@ -286,8 +286,8 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None
             batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
             if checkpoint is not None:
                 restore(trainer, batches, checkpoint)
-            result = run(cfg, trainer, batches, inputs.eval_examples, metrics, run_dir, stop)
-            save_checkpoint(trainer, tokenizer, run_dir / "checkpoint")
+            result = ppo_loop(cfg, trainer, batches, inputs.eval_examples, metrics, run_dir, stop)
+            export_hf_model(trainer, tokenizer, run_dir / HF_FINAL)
     finally:
         metrics.close()
         executor.shutdown()
@@ -296,10 +296,10 @@ def train_in(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Path | None
     return (*result, trainer.eval_is_accuracy)
 
 
-def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: MetricsWriter, run_dir: Path,
+def ppo_loop(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: MetricsWriter, run_dir: Path,
         stop: StopRequest) -> tuple[float, float]:
     """Initial sync (re-syncs a restored actor too), eval, iterations with checkpoints, eval."""
-    trainer.initial_sync()
+    trainer.resync_engines()
     first = trainer.iteration
     if first == 0:
         evaluation = trainer.evaluate(eval_examples)
@@ -323,7 +323,7 @@ def run(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: Metri
             if cfg.train.save_every and (it + 1) % cfg.train.save_every == 0:
                 saved = save_state(cfg, trainer, batches, metrics, run_dir)
             if cfg.logging.save_hf_every and (it + 1) % cfg.logging.save_hf_every == 0:
-                save_checkpoint(trainer, trainer.tokenizer, run_dir / "hf" / checkpoint_name(it + 1))
+                export_hf_model(trainer, trainer.tokenizer, run_dir / HF_EXPORTS / checkpoint_name(it + 1))
     if cfg.train.save_every and trainer.iteration and saved != trainer.iteration:  # the last iterations, or a stop
         saved = save_state(cfg, trainer, batches, metrics, run_dir)
     if stop.requested:
@@ -356,12 +356,12 @@ def restore(trainer: PPOTrainer, batches, checkpoint: Path) -> None:
     log.info("restored %s: iteration %d, %d prompt batches drawn", checkpoint, trainer.iteration, batches.drawn)
 
 
-def save_checkpoint(trainer: PPOTrainer, tokenizer, final: Path) -> Path:
+def export_hf_model(trainer: PPOTrainer, tokenizer, final: Path) -> Path:
     """HF-format actor + tokenizer (what vLLM loads); written beside, then renamed, so no half
     export is ever under `final`."""
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with trainer.phase(Phase.SAVE_ACTOR, record=False):  # keeps the engine's weights: GENERATE may follow
+    with trainer.phase(Phase.CHECKPOINT_ACTOR, record=False):  # keeps the engine's weights: GENERATE may follow
         trainer.roles.actor.call("save", str(partial))
     tokenizer.save_pretrained(partial)
     replace_dir(partial, final)

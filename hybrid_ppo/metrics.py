@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from hybrid_ppo.atomic_file import write_text_atomic
 from hybrid_ppo.errors import Diverged
-from hybrid_ppo.memory.plan import SAVE_PHASES
+from hybrid_ppo.memory.plan import CHECKPOINT_PHASES
 from hybrid_ppo.memory.scheduler import Move
 from hybrid_ppo.samples import FILE_NAME as SAMPLES_FILE
 
@@ -88,18 +88,18 @@ def keep_timeline_through(path: Path, iteration: int) -> None:
         return
     records = read_metrics(path)
     at_k = [i for i, r in enumerate(records) if r["iteration"] == iteration]
-    saves = [i for i in at_k if records[i].get("phase") in SAVE_PHASE_NAMES]
+    saves = [i for i in at_k if records[i].get("phase") in CHECKPOINT_PHASE_NAMES]
     end = -1
     if saves:  # the end of the first block of save moves
         end = saves[0]
         while end + 1 < len(records) and records[end + 1]["iteration"] == iteration \
-                and records[end + 1].get("phase") in SAVE_PHASE_NAMES:
+                and records[end + 1].get("phase") in CHECKPOINT_PHASE_NAMES:
             end += 1
     kept = [r for i, r in enumerate(records) if r["iteration"] < iteration or r["iteration"] == iteration and i <= end]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-SAVE_PHASE_NAMES = frozenset(p.value for p in SAVE_PHASES)
+CHECKPOINT_PHASE_NAMES = frozenset(p.value for p in CHECKPOINT_PHASES)
 
 
 def combine(key: str, values: list[float]) -> float:

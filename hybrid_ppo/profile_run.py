@@ -46,7 +46,7 @@ def profile(cfg: Config, iterations: int = 3) -> ProfileResult:
 
 def write_profile(run_dir: Path, cfg: Config) -> ProfileResult:
     """Report on a finished run directory (its memory_timeline.jsonl), planned against measured."""
-    from hybrid_ppo.memory.planner import estimate
+    from hybrid_ppo.memory.estimate import estimate
 
     records = load_timeline(run_dir)
     report = memory_report(records)

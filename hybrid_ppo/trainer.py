@@ -27,7 +27,7 @@ from hybrid_ppo.algo.kl_controller import KLController
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
 from hybrid_ppo.config import Config, KLPlacement
 from hybrid_ppo.executor import RoleError
-from hybrid_ppo.memory.plan import SAVE_PHASES, SCORE_PHASES, Phase
+from hybrid_ppo.memory.plan import CHECKPOINT_PHASES, SCORE_PHASES, Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.roles.reward import RuleReward
@@ -51,7 +51,7 @@ SCORE_CALLS: dict[Phase, tuple[str, str, str]] = {
 """Model-scoring phase -> (role, method on its ranks, what the result is called)."""
 
 TRAIN_ROLES: dict[Phase, str] = {Phase.TRAIN_CRITIC: "critic", Phase.TRAIN_ACTOR: "actor"}
-SAVE_ROLES: dict[Phase, str] = {Phase.SAVE_ACTOR: "actor", Phase.SAVE_CRITIC: "critic"}
+CHECKPOINT_ROLES: dict[Phase, str] = {Phase.CHECKPOINT_ACTOR: "actor", Phase.CHECKPOINT_CRITIC: "critic"}
 
 
 @dataclass
@@ -244,7 +244,7 @@ class PPOTrainer:
             scores = self.sequence_rewards(rollout)
         # Scoring put the engine to sleep (level 2 discards its weights), but the next GENERATE
         # expects the actor's weights in the engine: sync them again.
-        self.initial_sync()
+        self.resync_engines()
         return {EVAL_METRIC: float(scores.mean()), **lengths}
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -261,22 +261,22 @@ class PPOTrainer:
     def save_roles(self, directory: str) -> dict[str, float]:
         """Every trained role's DeepSpeed checkpoint, one role resident at a time; returns the timings."""
         self._phase_times = {}
-        for phase in self.plan_phases(SAVE_PHASES):  # no SAVE_CRITIC without a critic
+        for phase in self.plan_phases(CHECKPOINT_PHASES):  # no CHECKPOINT_CRITIC without a critic
             with self.phase(phase):
-                self.roles_of(phase).call("save_checkpoint", f"{directory}/{SAVE_ROLES[phase]}")
+                self.roles_of(phase).call("save_checkpoint", f"{directory}/{CHECKPOINT_ROLES[phase]}")
         return {k: v for k, v in self._phase_times.items() if k.startswith("time/")}
 
     def load_roles(self, directory: str) -> None:
         """Restore what `save_roles` wrote (resume); the engines need a SYNC afterwards."""
-        for phase in self.plan_phases(SAVE_PHASES):
+        for phase in self.plan_phases(CHECKPOINT_PHASES):
             with self.phase(phase, record=False):
-                self.roles_of(phase).call("load_checkpoint", f"{directory}/{SAVE_ROLES[phase]}")
+                self.roles_of(phase).call("load_checkpoint", f"{directory}/{CHECKPOINT_ROLES[phase]}")
 
     def roles_of(self, phase: Phase):
         """The role group a training or saving phase is for."""
-        return getattr(self.roles, {**TRAIN_ROLES, **SAVE_ROLES}[phase])
+        return getattr(self.roles, {**TRAIN_ROLES, **CHECKPOINT_ROLES}[phase])
 
-    def initial_sync(self) -> None:
+    def resync_engines(self) -> None:
         """A SYNC outside the iteration: engines start without weights, and GENERATE expects them."""
         with self.phase(Phase.SYNC, record=False):
             self.sync_weights()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Kill a process of a run at a chosen phase, resume, and check the result is the straight run's.
 
-    python scripts/chaos.py [--cells critic:0:train_critic actor:1:save_actor:4 driver:-:generate ...]
+    python scripts/chaos.py [--cells critic:0:train_critic actor:1:checkpoint_actor:4 driver:-:generate ...]
 
 For every cell ROLE:RANK:PHASE[:ITERATION] it runs `hybrid-ppo train` (default job, small: 6 iterations,
 a checkpoint every 2), watches `memory_timeline.jsonl` from outside, and SIGKILLs the process as
@@ -37,7 +37,7 @@ CLASSES = {"actor": "Actor", "critic": "Critic", "reference": "Reference", "roll
 """Role -> the class whose name Ray puts in its actor processes' titles (`ray::Critic.train`)."""
 NOT_COMPARED = ("time/", "memory/", "rollout/tokens_per_s", "rollout/sync_seconds", "estimator")
 DEFAULT_CELLS = ["critic:0:train_critic", "actor:1:train_actor", "reference:0:score_reference",
-                 "rollout:0:generate", "actor:0:save_actor:4", "driver:-:sync"]
+                 "rollout:0:generate", "actor:0:checkpoint_actor:4", "driver:-:sync"]
 
 
 def cli(*args: str) -> subprocess.Popen:

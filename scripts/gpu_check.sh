@@ -179,7 +179,7 @@ step profile "$T_PROFILE" "$PY" -m hybrid_ppo.cli profile "${PROFILE_ARGS[@]}"
 for f in memory_report.json memory_report.txt memory_timeline.png metrics.jsonl memory_timeline.jsonl; do
     cp "$OUT/runs/profile/$f" "$OUT/" 2>/dev/null || true
 done
-rm -rf "$OUT/runs/profile/checkpoint"  # 1 GB of random weights: not a result
+rm -rf "$OUT/runs/profile/hf"  # 1 GB of random weights: not a result
 joined=$(IFS=,; echo "${SUMMARY[*]}")
 echo "{\"seconds\": $((SECONDS - start)), \"steps\": {$joined}}" > "$OUT/summary.json"
 cat "$OUT/summary.json"

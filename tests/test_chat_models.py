@@ -13,18 +13,15 @@ from hybrid_ppo.rollout.engine import SamplingParams, response_mask
 from hybrid_ppo.rollout.hf_engine import HFEngine
 from hybrid_ppo.special_tokens import SpecialTokens, resolve_special_tokens, special_tokens_from
 from model_fixtures import FAMILIES, force_next_token
+from helpers import model_weights
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"}]
 
 
-def _weights(model):
-    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
-
-
 def _engine(path, model) -> HFEngine:
     engine = HFEngine(str(path), torch.float32, torch.device("cpu"))
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     return engine
 
 

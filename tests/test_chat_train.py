@@ -11,6 +11,7 @@ import pytest
 
 from hybrid_ppo.config import load_config
 from model_fixtures import FAMILIES
+from helpers import IN_PROCESS
 
 SEEN: list[dict] = []  # what the reward saw, per call (it runs in this process, the driver)
 SPECIAL_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>",
@@ -54,7 +55,7 @@ def _check_run(result, family: str) -> list[dict]:
     assert len(SEEN) == 4  # eval before, 2 iterations, eval after
     assert all(sorted(m["row"] for m in call["metadata"]) == [0, 1, 2, 3] for call in SEEN)
     assert all(call["labels"][0][1] == "nine" for call in SEEN)  # a list label arrives as a list
-    assert (result.run_dir / "checkpoint" / "tokenizer_config.json").exists()
+    assert (result.run_dir / "hf" / "final" / "tokenizer_config.json").exists()
     return steps
 
 
@@ -88,5 +89,5 @@ def test_llama3_chat_jsonl_in_one_process(tmp_path, chat_checkpoint):
     SEEN.clear()
     data = _write_jsonl(tmp_path / "chat.jsonl", ROWS)
     result = train(_config(tmp_path, chat_checkpoint("llama3"), data, data, "llama",
-                           "placement.executor=local", "placement.num_gpus=1"))
+                           *IN_PROCESS))
     _check_run(result, "llama3")

@@ -16,6 +16,7 @@ from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import LOCALHOST, DistInfo, free_port
 from hybrid_ppo.memory.plan import State
 from hybrid_ppo.memory.residency import DeepSpeedResidency
+from helpers import tiny_cfg
 
 KINDS = {2: {"lp_params", "hp_params", "optim_states", "lp_grads"},
          3: {"lp_params", "hp_params", "optim_states", "lp_grads", "contiguous_grad_buffer"}}
@@ -26,7 +27,7 @@ def _engine(stage: int):
     from hybrid_ppo.roles.deepspeed_engine import build_engine
 
     init_distributed(DistInfo(0, 1, LOCALHOST, free_port()))  # a no-op once a world exists
-    cfg = load_config(None, ["placement.executor=local", "placement.num_gpus=1", f"train.zero_stage={stage}"])
+    cfg = tiny_cfg(f"train.zero_stage={stage}")
     torch.manual_seed(0)
     engine = build_engine(cfg, 1, 1e-3, lambda: nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)))
     while engine.global_steps < 1:  # micro-batches up to the first optimizer step: Adam's moments exist

@@ -27,7 +27,7 @@ def test_critic_free_config_places_and_plans_no_critic():
     plan = memory_plan(cfg)
     assert Phase.SCORE_CRITIC not in plan and Phase.TRAIN_CRITIC not in plan
     assert all(Role.CRITIC not in residency for residency in plan.values())
-    assert list(plan) == [p for p in PHASE_PLAN if p not in (Phase.SCORE_CRITIC, Phase.TRAIN_CRITIC, Phase.SAVE_CRITIC)]
+    assert list(plan) == [p for p in PHASE_PLAN if p not in (Phase.SCORE_CRITIC, Phase.TRAIN_CRITIC, Phase.CHECKPOINT_CRITIC)]
     validate_plan(plan)
     assert roles_for(load_config()) == ("actor", "critic", "reference", "rollout")
     default = memory_plan(load_config())  # every phase; with a rule reward, SCORE_REWARD holds no model

@@ -13,6 +13,7 @@ import pytest
 from hybrid_ppo.config import load_config
 from hybrid_ppo.memory.plan import Phase
 from hybrid_ppo.memory.report import memory_report
+from helpers import IN_PROCESS
 
 EXPECTED_KEYS = {
     "reward/mean", "kl/mean", "loss/policy", "loss/value", "actor/approx_kl", "actor/clip_frac", "actor/entropy",
@@ -59,9 +60,9 @@ def test_default_job_two_iterations(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "score_reference" in out.stdout and (result.run_dir / "memory_report.json").exists()
 
-    checkpoint = result.run_dir / "checkpoint"
+    checkpoint = result.run_dir / "hf" / "final"
     assert (checkpoint / "config.json").exists() and (checkpoint / "tokenizer.json").exists()
-    assert not (result.run_dir / "checkpoint.partial").exists()
+    assert not (result.run_dir / "hf" / "final.partial").exists()
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert list((result.run_dir / "tensorboard").iterdir())
@@ -80,7 +81,7 @@ def test_reward_model_job_in_one_process(tmp_path):
     config.num_labels = 1
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     cfg = load_config(None, ["train.iterations=2", "warmup.steps=20", "data.eval_size=16",
-                             "placement.executor=local", "placement.num_gpus=1",
+                             *IN_PROCESS,
                              f"model.reward_model={tmp_path / 'rm'}", "model.reward_fn=null",
                              f"logging.output_dir={tmp_path}", "logging.run_name=rm", "logging.tensorboard=false"])
     result = train(cfg)
@@ -90,7 +91,7 @@ def test_reward_model_job_in_one_process(tmp_path):
     assert all(math.isfinite(v) for line in lines for k, v in line.items() if k != "estimator")
     assert math.isfinite(result.eval_before) and math.isfinite(result.eval_after)
     assert not result.eval_is_accuracy  # a reward model: the CLI says "held-out mean reward"
-    assert (result.run_dir / "checkpoint" / "config.json").exists()
+    assert (result.run_dir / "hf" / "final" / "config.json").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -166,7 +166,7 @@ def test_the_shared_memory_barrier_runs_on_gloo_only(monkeypatch, tmp_path):
 
 
 def test_pinned_blocks_are_counted_as_the_host_allocator_rounds_them():
-    from hybrid_ppo.memory.planner import pinned_block_bytes
+    from hybrid_ppo.memory.estimate import pinned_block_bytes
 
     assert [pinned_block_bytes(n) for n in (0, 1, 4096, 4097)] == [0, 1, 4096, 8192]
     assert pinned_block_bytes(128_256 * 4096 * 2) == 1 << 30  # Llama-3.1-8B's embedding, 1.05 GB < 1 GiB

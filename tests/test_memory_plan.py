@@ -16,6 +16,7 @@ from hybrid_ppo.config import load_config
 from hybrid_ppo.memory.plan import (PHASE_PLAN, Phase, Role, State, describe, resident,
                                     resident_everything, validate_plan)
 from hybrid_ppo.memory.scheduler import MemoryScheduler
+from helpers import tiny_cfg
 
 
 class RecordingGroup:
@@ -86,7 +87,7 @@ def local_roles(tiny_model_dir):
     from hybrid_ppo.executor import LocalExecutor
     from hybrid_ppo.launch import build_roles
 
-    cfg = load_config(None, ["placement.executor=local", "placement.num_gpus=1", "train.micro_batch_size=8"])
+    cfg = tiny_cfg("train.micro_batch_size=8")
     executor = LocalExecutor(cfg).start()
     scheduler = MemoryScheduler(PHASE_PLAN)
     roles = build_roles(executor, cfg, scheduler, {"actor": tiny_model_dir, "critic": tiny_model_dir,

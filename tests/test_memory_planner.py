@@ -10,7 +10,7 @@ import pytest
 from hybrid_ppo.cli import main
 from hybrid_ppo.config import load_config
 from hybrid_ppo.memory.plan import PHASE_PLAN
-from hybrid_ppo.memory.planner import GIB, PROCESS_HOST_BYTES, ZERO3_PREFETCH_BUCKET, ZERO_REDUCE_BUCKET, estimate, pinned_block_bytes
+from hybrid_ppo.memory.estimate import GIB, PROCESS_HOST_BYTES, ZERO3_PREFETCH_BUCKET, ZERO_REDUCE_BUCKET, estimate, pinned_block_bytes
 from hybrid_ppo.memory.shapes import ModelKind, model_shape
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -112,7 +112,7 @@ def test_phases_and_roles_come_from_the_plan_and_placement(small_model):
     plan = estimate(_cfg(small_model), roles=["actor", "reference", "rollout"])  # a critic-free run
     assert "critic" not in plan.states  # and no critic phases: the plan is the roles' (memory/plan.py)
     assert list(plan.phases) == [p.value for p in PHASE_PLAN if p.value not in ("score_critic", "train_critic",
-                                                                                  "save_critic")]
+                                                                                  "checkpoint_critic")]
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))

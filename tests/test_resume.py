@@ -24,12 +24,13 @@ import pytest
 
 from hybrid_ppo.checkpoint import CHECKPOINTS, latest_checkpoint, read_state
 from hybrid_ppo.config import load_config
+from helpers import IN_PROCESS
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_COMPARED = ("time/", "memory/", "rollout/tokens_per_s", "rollout/sync_seconds",  # wall-clock timings
                 "estimator")  # a tag on every line, not a metric
 SMALL = ["warmup.steps=20", "data.eval_size=16", "logging.tensorboard=false"]
-LOCAL = ["placement.executor=local", "placement.num_gpus=1"]
+LOCAL = list(IN_PROCESS)
 
 
 def metrics_by_iteration(run_dir: Path) -> dict[int, dict[str, float]]:

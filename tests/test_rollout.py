@@ -14,6 +14,7 @@ from hybrid_ppo.memory.residency import EngineResidency
 from hybrid_ppo.roles.reward import RewardError, RuleReward, load_reward_fn
 from hybrid_ppo.rollout.engine import SamplingParams, left_pad, logprob_diff_max, response_mask
 from hybrid_ppo.rollout.hf_engine import HFEngine
+from helpers import model_weights
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,6 @@ def model_and_tokenizer(tmp_path_factory):
     model = build_tiny_llama(tokenizer, seed=0)
     model.save_pretrained(path)
     return model, tokenizer, str(path)
-
-
-def _weights(model):
-    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
 
 
 def test_response_mask_stops_after_first_eos():
@@ -53,7 +50,7 @@ def test_logprob_diff_max_looks_at_sampled_tokens_only():
 def test_engine_logprobs_are_the_models_own_at_the_sampling_temperature(model_and_tokenizer):
     model, tokenizer, path = model_and_tokenizer
     engine = HFEngine(path, torch.float32, torch.device("cpu"))
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     prompts = [tokenizer("max 1 2 3 4 =")["input_ids"], tokenizer("max 9 =")["input_ids"]]
     sampling = SamplingParams(max_new_tokens=4, temperature=0.7, seed=0)
     out = engine.generate(prompts, sampling)
@@ -74,7 +71,7 @@ def test_engine_needs_weights_from_the_actor(model_and_tokenizer):
     greedy = SamplingParams(max_new_tokens=3, temperature=0.0)
     with pytest.raises(RuntimeError, match="sync from the actor"):
         engine.generate(prompts, greedy)
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     out = engine.generate(prompts, greedy)
     assert out.response_ids.shape == (2, 3) and out.response_mask.shape == (2, 3)
     # the engine's greedy tokens are the source model's greedy tokens
@@ -88,7 +85,7 @@ def test_engine_needs_weights_from_the_actor(model_and_tokenizer):
 def test_a_seed_decides_the_sample_and_leaves_the_global_rng_alone(model_and_tokenizer):
     model, tokenizer, path = model_and_tokenizer
     engine = HFEngine(path, torch.float32, torch.device("cpu"))
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     prompts = [tokenizer("max 1 2 3 4 =")["input_ids"]] * 16
 
     def sample(seed):
@@ -105,7 +102,7 @@ def test_a_seed_decides_the_sample_and_leaves_the_global_rng_alone(model_and_tok
 def test_sleep_levels(model_and_tokenizer):
     model, tokenizer, path = model_and_tokenizer
     engine = HFEngine(path, torch.float32, torch.device("cpu"))
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     prompts = [tokenizer("max 3 1 4 1 =")["input_ids"]]
     greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
     before = engine.generate(prompts, greedy).response_ids
@@ -122,7 +119,7 @@ def test_sleep_levels(model_and_tokenizer):
     engine.wake_up(["kv_cache"])
     with pytest.raises(RuntimeError, match="no weights loaded"):
         engine.generate(prompts, greedy)
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     assert torch.equal(engine.generate(prompts, greedy).response_ids, before)
     with pytest.raises(ValueError, match="unknown wake_up tag"):
         engine.wake_up(["optimizer"])
@@ -141,7 +138,7 @@ def test_engine_rejects_foreign_weights(model_and_tokenizer):
 def test_engine_residency_drops_kv_alone_through_a_level1_sleep(model_and_tokenizer):
     model, _, path = model_and_tokenizer
     engine = HFEngine(path, torch.float32, torch.device("cpu"))
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     residency = EngineResidency(engine, sleep_level=2)
     residency.offload(frozenset({State.KV_CACHE}))
     assert residency.resident == {State.WEIGHTS} and engine.awake == {"weights"}

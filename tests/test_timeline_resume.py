@@ -10,8 +10,8 @@ from hybrid_ppo.metrics import MetricsWriter
 # As a run logs them: label = iterations finished when the move ran (the phases of iteration k+1
 # carry k; checkpoint k's save moves carry k too, after the iteration's own eval).
 DEAD_ATTEMPT = [(1, "generate"), (1, "train_actor"), (2, "generate"), (2, "train_actor"), (2, "generate"),
-                (2, "save_actor"), (2, "save_critic"), (2, "generate"), (2, "train_actor"), (3, "generate"),
-                (3, "save_actor"), (3, "save_critic"), (3, "generate")]
+                (2, "checkpoint_actor"), (2, "checkpoint_critic"), (2, "generate"), (2, "train_actor"), (3, "generate"),
+                (3, "checkpoint_actor"), (3, "checkpoint_critic"), (3, "generate")]
 
 
 def test_resume_keeps_checkpoint_k_save_moves(tmp_path):

@@ -18,13 +18,10 @@ from hybrid_ppo.rollout.engine import SamplingParams  # noqa: E402
 from hybrid_ppo.rollout.hf_engine import HFEngine  # noqa: E402
 from hybrid_ppo.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from model_fixtures import FAMILIES, force_next_token  # noqa: E402
+from helpers import model_weights  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is the largest digit in 3 7 1 9?"}]
-
-
-def _weights(model):
-    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -42,9 +39,9 @@ def family(request, chat_checkpoint):
 
 
 def _both(path, engine, model, prompts, sampling=GREEDY):
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     hf = HFEngine(str(path), torch.float32, torch.device("cpu"))
-    hf.load_weights(_weights(model))
+    hf.load_weights(model_weights(model))
     return engine.generate(prompts, sampling), hf.generate(prompts, sampling)
 
 

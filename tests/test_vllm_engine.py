@@ -22,6 +22,7 @@ from hybrid_ppo.rollout.engine import SamplingParams, response_mask  # noqa: E40
 from hybrid_ppo.rollout.hf_engine import HFEngine  # noqa: E402
 from hybrid_ppo.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from hybrid_ppo.rollout.weight_sync import BucketStager, bucket_plan, staging_mappings  # noqa: E402
+from helpers import model_weights  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 TEXTS = ("max 1 2 3 4 =", "max 9 1 =", "max 5 =", "max 3 1 4 1 5 9 2 6 =")
@@ -55,19 +56,15 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
     engine.close()  # before interpreter exit, when vLLM's own atexit cleanup has no log stream left
 
 
-def _weights(model):
-    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
-
-
 def _hf_generate(path, model, prompts, sampling):
     engine = HFEngine(path, torch.float32, torch.device("cpu"))
-    engine.load_weights(_weights(model))
+    engine.load_weights(model_weights(model))
     return engine.generate(prompts, sampling)
 
 
 def _loaded(setup: Setup, seed: int = 0) -> tuple[VLLMEngine, list[list[int]]]:
     setup.engine.wake_up(["weights", "kv_cache"])
-    setup.engine.load_weights(_weights(setup.models[seed]))
+    setup.engine.load_weights(model_weights(setup.models[seed]))
     return setup.engine, setup.prompts
 
 
@@ -81,7 +78,7 @@ def test_generate_refuses_until_every_weight_has_arrived(setup):
     engine.wake_up(["weights", "kv_cache"])
     with pytest.raises(RuntimeError, match=r"no weights loaded for \d+ parameter.*sync from the actor"):
         engine.generate(prompts, GREEDY)
-    weights = _weights(models[0])
+    weights = model_weights(models[0])
     engine.load_weights(weights[:-1])
     with pytest.raises(RuntimeError, match=f"no weights loaded for 1 parameter.*{weights[-1][0]}"):
         engine.generate(prompts, GREEDY)
@@ -108,7 +105,7 @@ def test_a_sync_changes_the_policy_and_layout_pads_after_eos(setup):
     assert ended.any(), "pick prompts where the policy stops early, so the padding is exercised"
     assert (before.response_ids[before.response_mask == 0] == pad).all()
     assert (before.response_ids[ended].eq(eos).long().argmax(-1) == before.response_mask[ended].sum(-1) - 1).all()
-    engine.load_weights(_weights(models[1]))
+    engine.load_weights(model_weights(models[1]))
     after = engine.generate(prompts, GREEDY)
     assert not torch.equal(after.response_ids, before.response_ids)
     assert torch.equal(after.response_ids, _hf_generate(path, models[1], prompts, GREEDY).response_ids)
@@ -117,7 +114,7 @@ def test_a_sync_changes_the_policy_and_layout_pads_after_eos(setup):
 def test_a_bucketed_sync_that_splits_fused_layers_is_applied_whole(setup):
     engine, prompts = _loaded(setup, seed=1)
     models, path = setup.models, setup.path
-    weights = _weights(models[0])
+    weights = model_weights(models[0])
     for k in range(0, len(weights), 2):  # two tensors at a time cut q/k/v and gate/up apart
         engine.load_weights(weights[k:k + 2])
     expected = _hf_generate(path, models[0], prompts, GREEDY)
@@ -130,7 +127,7 @@ def test_staged_buckets_are_applied_one_by_one_in_the_engine_process(setup, buck
     as it arrives (vLLM's in-place reload keeps the layers a bucket leaves out)."""
     engine, prompts = _loaded(setup, seed=1)
     models, path = setup.models, setup.path
-    weights = _weights(models[0])
+    weights = model_weights(models[0])
     plan = bucket_plan([n for n, _ in weights], [t.numel() * 4 for _, t in weights], bucket_bytes)
     assert len(plan) >= 3
     stager = BucketStager(torch.device("cpu"), torch.float32, max(sum(weights[i][1].numel() for i in b) for b in plan), 1)
@@ -154,7 +151,7 @@ def test_tensor_parallel_workers_each_load_their_own_ranks_buffer(setup):
     cfg = load_config(None, ["rollout.enforce_eager=true", "placement.num_gpus=2", "rollout.tensor_parallel_size=2"])
     engine = VLLMEngine(cfg, setup.path)
     try:
-        weights = _weights(setup.models[1])
+        weights = model_weights(setup.models[1])
         plan = bucket_plan([n for n, _ in weights], [t.numel() * 4 for _, t in weights], 150 << 10)
         capacity = max(sum(weights[i][1].numel() for i in b) for b in plan)
         stagers = [BucketStager(torch.device("cpu"), torch.float32, capacity, 1) for _ in range(2)]
@@ -239,9 +236,9 @@ def test_sleep_and_wake_follow_the_protocol(setup):
 
     engine.sleep(2)  # SYNC's order: wake the weights, load them, then the KV cache
     with pytest.raises(RuntimeError, match="wake_up"):
-        engine.load_weights(_weights(setup.models[0]))
+        engine.load_weights(model_weights(setup.models[0]))
     engine.wake_up(["weights"])
-    engine.load_weights(_weights(setup.models[0]))
+    engine.load_weights(model_weights(setup.models[0]))
     engine.wake_up(["kv_cache"])
     assert torch.equal(engine.generate(prompts, GREEDY).response_ids, before)
 
@@ -265,7 +262,7 @@ def test_engine_rejects_foreign_weights(setup):
     engine, _ = _loaded(setup)
     with pytest.raises(KeyError, match="no parameter"):
         engine.load_weights([("not.a.weight", torch.zeros(1))])
-    name, tensor = _weights(setup.models[0])[0]
+    name, tensor = model_weights(setup.models[0])[0]
     with pytest.raises(ValueError, match="shape"):
         engine.load_weights([(name, torch.zeros(tensor.shape[0] + 1))])
 
@@ -277,6 +274,6 @@ def test_sleep_frees_device_memory_on_cuda(setup):
     engine.sleep(2)
     assert torch.cuda.mem_get_info()[0] > free_awake
     engine.wake_up(["weights"])
-    engine.load_weights(_weights(setup.models[0]))
+    engine.load_weights(model_weights(setup.models[0]))
     engine.wake_up(["kv_cache"])
     assert engine.generate(prompts, GREEDY).response_ids.shape == (len(prompts), GREEDY.max_new_tokens)

@@ -10,6 +10,7 @@ from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import LocalExecutor
 from hybrid_ppo.rollout.weight_sync import opened_bucket
+from helpers import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_zero3_actor_exports_full_weights_in_buckets(checkpoint):
     from hybrid_ppo.roles.actor import Actor
 
     path, weights = checkpoint
-    cfg = load_config(None, ["placement.executor=local", "placement.num_gpus=1", "train.zero_stage=3"])
+    cfg = tiny_cfg("train.zero_stage=3")
     executor = LocalExecutor(cfg).start()
     try:
         actor = executor.spawn("actor", Actor, path)

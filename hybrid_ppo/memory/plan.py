@@ -12,7 +12,7 @@ Read the table top to bottom as one PPO iteration.
 * TRAIN_CRITIC and TRAIN_ACTOR each hold one model's params + grads + optimizer, never both.
 * SYNC holds the actor's weights and the engine's weights only. The KV cache stays asleep until
   GENERATE, so the peak during the copy is two copies of the weights and nothing else.
-* SAVE_ACTOR and SAVE_CRITIC (every `train.save_every` iterations, and to load a checkpoint on
+* CHECKPOINT_ACTOR and CHECKPOINT_CRITIC (every `train.save_every` iterations, and to load a checkpoint on
   resume) each hold one trained role's weights + training state, because DeepSpeed's
   save_checkpoint / load_checkpoint read and write both. One role at a time, like SCORE. A save
   comes between SYNC and GENERATE, so the engine keeps the weights SYNC gave it (a level-2 sleep
@@ -24,7 +24,7 @@ Roles not named in a phase have nothing resident. `resident_everything()` is the
 
 A config that runs fewer roles gets fewer phases: `phase_plan(roles)` drops every phase that exists
 only for a role the config does not run (`PHASE_ROLE`). A critic-free estimator (GRPO, RLOO,
-REINFORCE++) has no critic, so its plan has no SCORE_CRITIC, TRAIN_CRITIC or SAVE_CRITIC, and the trainer,
+REINFORCE++) has no critic, so its plan has no SCORE_CRITIC, TRAIN_CRITIC or CHECKPOINT_CRITIC, and the trainer,
 which walks the plan, never enters them. SCORE_REWARD stays without a reward model: a rule reward
 runs in the driver during it.
 """
@@ -45,12 +45,12 @@ class Phase(str, Enum):
     TRAIN_CRITIC = "train_critic"
     TRAIN_ACTOR = "train_actor"
     SYNC = "sync"
-    SAVE_ACTOR = "save_actor"  # the actor's DeepSpeed checkpoint (written, or read on resume)
-    SAVE_CRITIC = "save_critic"  # the critic's
+    CHECKPOINT_ACTOR = "checkpoint_actor"  # the actor's DeepSpeed checkpoint (written, or read on resume)
+    CHECKPOINT_CRITIC = "checkpoint_critic"  # the critic's
 
 
 SCORE_PHASES = (Phase.SCORE_ACTOR, Phase.SCORE_REFERENCE, Phase.SCORE_CRITIC, Phase.SCORE_REWARD)
-SAVE_PHASES = (Phase.SAVE_ACTOR, Phase.SAVE_CRITIC)
+CHECKPOINT_PHASES = (Phase.CHECKPOINT_ACTOR, Phase.CHECKPOINT_CRITIC)
 
 
 class Role(str, Enum):
@@ -67,7 +67,7 @@ class State(str, Enum):
     KV_CACHE = "kv_cache"  # the rollout engine's cache pool
 
 
-Residency = Mapping[Role, frozenset[State]]
+ResidentStates = Mapping[Role, frozenset[State]]
 
 # The states each role has at all; a plan may only ask for these.
 ROLE_STATES: dict[Role, frozenset[State]] = {
@@ -80,7 +80,7 @@ ROLE_STATES: dict[Role, frozenset[State]] = {
 
 _W, _T, _KV = State.WEIGHTS, State.TRAIN_STATE, State.KV_CACHE
 
-PHASE_PLAN: dict[Phase, Residency] = {
+PHASE_PLAN: dict[Phase, ResidentStates] = {
     Phase.GENERATE: {Role.ROLLOUT: frozenset({_W, _KV})},
     Phase.SCORE_ACTOR: {Role.ACTOR: frozenset({_W})},
     Phase.SCORE_REFERENCE: {Role.REFERENCE: frozenset({_W})},
@@ -91,20 +91,20 @@ PHASE_PLAN: dict[Phase, Residency] = {
     Phase.TRAIN_ACTOR: {Role.ACTOR: frozenset({_W, _T})},
     # Weights only: the KV cache wakes at GENERATE, after the copy, so the two never coexist.
     Phase.SYNC: {Role.ACTOR: frozenset({_W}), Role.ROLLOUT: frozenset({_W})},
-    Phase.SAVE_ACTOR: {Role.ACTOR: frozenset({_W, _T}), Role.ROLLOUT: frozenset({_W})},
-    Phase.SAVE_CRITIC: {Role.CRITIC: frozenset({_W, _T}), Role.ROLLOUT: frozenset({_W})},
+    Phase.CHECKPOINT_ACTOR: {Role.ACTOR: frozenset({_W, _T}), Role.ROLLOUT: frozenset({_W})},
+    Phase.CHECKPOINT_CRITIC: {Role.CRITIC: frozenset({_W, _T}), Role.ROLLOUT: frozenset({_W})},
 }
 
 
 PHASE_ROLE: dict[Phase, Role] = {
     Phase.SCORE_CRITIC: Role.CRITIC,
     Phase.TRAIN_CRITIC: Role.CRITIC,
-    Phase.SAVE_CRITIC: Role.CRITIC,
+    Phase.CHECKPOINT_CRITIC: Role.CRITIC,
 }
 """Phases that exist only for one role: a plan without that role has no such phase."""
 
 
-def phase_plan(roles: Iterable[Role]) -> dict[Phase, Residency]:
+def phase_plan(roles: Iterable[Role]) -> dict[Phase, ResidentStates]:
     """PHASE_PLAN for the roles a config runs: phases of absent roles dropped, and absent roles
     dropped from the phases that remain. Phase order is iteration order."""
     present = set(roles)
@@ -112,18 +112,18 @@ def phase_plan(roles: Iterable[Role]) -> dict[Phase, Residency]:
             for phase, residency in PHASE_PLAN.items() if phase not in PHASE_ROLE or PHASE_ROLE[phase] in present}
 
 
-def resident(plan: Mapping[Phase, Residency], phase: Phase, role: Role) -> frozenset[State]:
+def resident(plan: Mapping[Phase, ResidentStates], phase: Phase, role: Role) -> frozenset[State]:
     """States of `role` that must be on the device during `phase` (empty: fully offloaded)."""
     return plan[phase].get(role, frozenset())
 
 
-def resident_everything(roles: Iterable[Role] = tuple(Role)) -> dict[Phase, Residency]:
+def resident_everything(roles: Iterable[Role] = tuple(Role)) -> dict[Phase, ResidentStates]:
     """The no-offload plan for `roles` (default: all): every role keeps every state in every phase."""
     roles = tuple(roles)
     return {phase: {role: ROLE_STATES[role] for role in roles} for phase in phase_plan(roles)}
 
 
-def validate_plan(plan: Mapping[Phase, Residency]) -> None:
+def validate_plan(plan: Mapping[Phase, ResidentStates]) -> None:
     """Refuse a plan that skips a phase its roles need, or asks a role for a state it does not have.
     A phase of `PHASE_ROLE` may be absent only when the plan never names its role."""
     named = {role for residency in plan.values() for role in residency}
@@ -138,7 +138,7 @@ def validate_plan(plan: Mapping[Phase, Residency]) -> None:
                 raise ValueError(f"memory plan, phase {phase.value}: role {role.value} has no state(s) {names}")
 
 
-def describe(plan: Mapping[Phase, Residency], roles: list[Role]) -> str:
+def describe(plan: Mapping[Phase, ResidentStates], roles: list[Role]) -> str:
     """The plan as a text table: one row per phase, one column per role."""
     width = max(len(r.value) for r in roles) + 12
     header = f"{'phase':<16}" + "".join(f"{r.value:<{width}}" for r in roles)

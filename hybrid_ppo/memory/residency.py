@@ -123,7 +123,7 @@ class ModuleResidency(_Tracked):
 
     def offload(self, states: frozenset[State]) -> None:
         """Into one flat host buffer (pinned on CUDA), each tensor a view of it. Pinned blocks are
-        rounded up to a power of two (memory/planner.py `pinned_block_bytes`): one block per role
+        rounded up to a power of two (memory/estimate.py `pinned_block_bytes`): one block per role
         wastes at most one rounding, and is what `hybrid-ppo plan` counts; a block per tensor
         rounded each of hundreds of tensors."""
         if not self._check(states, want_resident=True):

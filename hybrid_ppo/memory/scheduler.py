@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from hybrid_ppo.memory.plan import ROLE_STATES, Phase, Residency, Role, State, resident, validate_plan
+from hybrid_ppo.memory.plan import ROLE_STATES, Phase, ResidentStates, Role, State, resident, validate_plan
 
 
 class RoleGroupLike(Protocol):
@@ -35,7 +35,7 @@ class Move:
 class MemoryScheduler:
     """Moves role states so that each phase finds exactly what the plan says resident."""
 
-    def __init__(self, plan: Mapping[Phase, Residency]):
+    def __init__(self, plan: Mapping[Phase, ResidentStates]):
         validate_plan(plan)
         self.plan = plan
         self.groups: dict[Role, RoleGroupLike] = {}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from hybrid_ppo.config import Config, DType, EngineKind, ExecutorKind
-from hybrid_ppo.memory.plan import Phase, Residency, Role, State, phase_plan, resident, resident_everything
+from hybrid_ppo.memory.plan import Phase, ResidentStates, Role, State, phase_plan, resident, resident_everything
 from hybrid_ppo.memory.shapes import ModelKind, ModelShape, model_shape
 
 GIB = 1 << 30
@@ -325,7 +325,7 @@ def estimate(cfg: Config, roles: Iterable[str] | None = None) -> MemoryPlan:
     return result
 
 
-def _estimate(plan: Mapping[Phase, Residency], shapes: dict[Role, ModelShape], s: Setting,
+def _estimate(plan: Mapping[Phase, ResidentStates], shapes: dict[Role, ModelShape], s: Setting,
               host_bytes: int) -> MemoryPlan:
     states = {role: state_bytes(role, m, s) for role, m in shapes.items()}
     result = MemoryPlan(s.gpu_bytes, host_bytes, s,

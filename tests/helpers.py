@@ -1,0 +1,21 @@
+"""Small helpers the tests share (fixtures that build checkpoints live in conftest.py)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from hybrid_ppo.config import Config, load_config
+
+IN_PROCESS = ("placement.executor=local", "placement.num_gpus=1")
+"""Every role in the test's own process on one (fake) GPU: no Ray, the quickest real job."""
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    """The default tiny job's config, run in process, with `overrides` (dotted `key=value`)."""
+    return load_config(None, [*IN_PROCESS, *overrides])
+
+
+def model_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """A model's parameters as the (HF name, full tensor) pairs an engine's load_weights takes,
+    copied so the model may change after."""
+    return [(name, param.detach().clone()) for name, param in model.named_parameters()]
