@@ -393,6 +393,8 @@ class LoggingConfig(_Section):
     """Rollouts appended to samples.jsonl each iteration (prompt after the chat template, response, reward, label); 0: none."""
     save_hf_every: int = 0
     """Also export the actor in HF format to RUN_DIR/hf/iter_NNNNNN every this many iterations; 0 disables."""
+    verbose: bool = False
+    """Also show on the terminal what the role processes print (library notices, warnings); always in train.log."""
 
     def __post_init__(self) -> None:
         self._require(self.samples_per_iteration >= 0, "samples_per_iteration", "an integer >= 0")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import yaml
 
 from hybrid_ppo.atomic_file import write_text_atomic
@@ -31,6 +32,7 @@ from hybrid_ppo.checkpoint import (HF_EXPORTS, HF_FINAL, CheckpointError, checkp
                                    read_state, replace_dir, write_checkpoint)
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, LRSchedule, load_config
 from hybrid_ppo.errors import InputError, RunFailed
+from hybrid_ppo.executor.ray import WORKER_OUTPUT_LOGGER
 from hybrid_ppo.memory.plan import Phase, ResidentStates, Role, phase_plan, resident_everything
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, read_metrics
@@ -48,7 +50,7 @@ LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"
 RESUMABLE_KEYS = frozenset({
     "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
     "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
-    "logging.samples_per_iteration",
+    "logging.samples_per_iteration", "logging.verbose",
     "train.eval_every",
 })
 """What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
@@ -77,12 +79,30 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def setup_environment(cfg: Config) -> None:
-    """Keep JIT-built ops and Ray's files inside the cache dir, so a run is self-contained."""
+    """Keep JIT-built ops and Ray's files inside the cache dir, so a run is self-contained; keep
+    library notices off the terminal."""
     cache = cfg.logging.resolved_cache_dir.resolve()
     cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():  # what DeepSpeed would find, minus its warning in every role process
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not cfg.logging.verbose:  # weight-loading bars from every rank of every role, read by no one
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+
+
+def terminal_handler(cfg: Config) -> logging.Handler:
+    """The run's own lines on stdout; what the role processes print goes to train.log only,
+    unless `logging.verbose`."""
+    handler = logging.StreamHandler(sys.stdout)
+    if not cfg.logging.verbose:
+        handler.addFilter(lambda record: not record.name.startswith(WORKER_OUTPUT_LOGGER))
+    return handler
 
 
 @contextmanager
@@ -195,7 +215,7 @@ def load_inputs(cfg: Config) -> Inputs:
 def train(cfg: Config) -> RunResult:
     """The whole run. Inputs are loaded and checked before the run directory is made."""
     start = time.perf_counter()
-    with log_handler(logging.StreamHandler(sys.stdout)):
+    with log_handler(terminal_handler(cfg)):
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         run_dir = make_run_dir(cfg)
@@ -215,7 +235,7 @@ def resume(run_dir: str | Path, overrides: list[str]) -> RunResult:
     if done >= cfg.train.iterations:
         raise ConfigError("train.iterations", cfg.train.iterations,
                           f"more than the {done} iterations {checkpoint} has done (raise it to train on)")
-    with log_handler(logging.StreamHandler(sys.stdout)):
+    with log_handler(terminal_handler(cfg)):
         setup_environment(cfg)
         inputs = load_inputs(cfg)
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 
 import pytest
 import ray
@@ -13,7 +15,7 @@ import ray
 from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import DistInfo, LocalExecutor, RoleError, make_executor
 from hybrid_ppo.placement import PlacementError, create_placement_group, make_plan
-from hybrid_ppo.executor.ray import RayExecutor, forwarded_env, rank_specs
+from hybrid_ppo.executor.ray import WORKER_OUTPUT_LOGGER, RayExecutor, forwarded_env, rank_specs
 
 ROLES = ("actor", "critic", "reference", "reward", "rollout")
 WITH_RM = ["model.reward_model=/models/rm", "model.reward_fn=null"]  # 5 roles x 0.2 fill each GPU
@@ -42,6 +44,9 @@ class Probe:
             "hf_offline": os.environ.get("HF_HUB_OFFLINE"),
             "starts": self.starts,
         }
+
+    def shout(self, text: str) -> None:
+        print(f"{text} from rank {self.dist.rank}", flush=True)
 
     def shard_sum(self, shard: list[int], scale: int = 1) -> tuple[int, int]:
         return self.dist.rank, scale * sum(shard)
@@ -128,6 +133,28 @@ def test_every_rank_on_its_bundle_with_its_fraction(executor, groups):
     assert len(pids) == 2 * len(ROLES) and os.getpid() not in pids
     ports = {group.call_rank(0, "where")["dist"].master_port for group in groups.values()}
     assert len(ports) == len(ROLES)  # one torch.distributed group (and port) per role
+
+
+def test_what_a_role_prints_goes_to_the_log_not_the_terminal(groups, capfd):
+    """logging.verbose=false (the default): train.log gets the role processes' lines, not the terminal."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(WORKER_OUTPUT_LOGGER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        groups["critic"].call("shout", "hello")
+        deadline = time.monotonic() + 30  # Ray forwards worker output asynchronously
+        while time.monotonic() < deadline and len([r for r in records if "hello from rank" in r.getMessage()]) < 2:
+            time.sleep(0.2)
+    finally:
+        logger.removeHandler(handler)
+    lines = sorted(r.getMessage() for r in records if "hello from rank" in r.getMessage())
+    assert len(lines) == 2 and lines[0].endswith("hello from rank 0") and lines[1].endswith("hello from rank 1")
+    assert all(line.startswith("(Probe pid=") and "\x1b" not in line for line in lines), lines
+    out, err = capfd.readouterr()
+    assert "hello from rank" not in out + err
 
 
 def test_bundles_are_full(executor, groups):

@@ -6,6 +6,7 @@ i on bundle i with the plan's GPU fraction. Ray is imported inside functions onl
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -18,6 +19,9 @@ from hybrid_ppo.config import Config
 from hybrid_ppo.executor.base import LOCALHOST, DistInfo, Pending, Ports, RoleError, RoleGroup, RoleTimeout
 from hybrid_ppo.placement import PlacementPlan, create_placement_group, make_plan
 from hybrid_ppo.stopping import check_abandoned
+
+WORKER_OUTPUT_LOGGER = "hybrid_ppo.workers"
+"""Where the role processes' own output goes (train.log; the terminal only with logging.verbose)."""
 
 FORWARDED_ENV_NAMES = ("TMPDIR", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
 FORWARDED_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "TRITON_", "VLLM_", "NCCL_",
@@ -172,6 +176,10 @@ class RayExecutor:
             else:
                 ray.init(**self._local_init_kwargs())
                 self.owns_ray = True
+        if not self.cfg.logging.verbose:
+            from hybrid_ppo.compat.ray import send_worker_output_to
+
+            send_worker_output_to(logging.getLogger(WORKER_OUTPUT_LOGGER))
         self.placement_group = create_placement_group(self.plan)
         return self
 
@@ -187,7 +195,8 @@ class RayExecutor:
         os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
         cpus = max(os.cpu_count() or 1, math.ceil(self.plan.num_bundles * self.plan.bundle_cpu))
         kwargs: dict[str, Any] = dict(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                                      _temp_dir=str(self._temp_dir()))
+                                      _temp_dir=str(self._temp_dir()),
+                                      logging_level=logging.INFO if self.cfg.logging.verbose else logging.WARNING)
         if _cuda_device_count() == 0:
             kwargs["num_gpus"] = self.plan.num_bundles  # fake GPUs: the placement path stays the real one
         return kwargs
