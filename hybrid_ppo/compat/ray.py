@@ -38,6 +38,8 @@ def send_worker_output_to(logger: logging.Logger) -> None:
 
 
 def _log_lines(logger: logging.Logger, data: dict) -> None:
+    if data.get("pid") == "autoscaler":  # its status every few seconds: a one-node cluster never scales
+        return
     who = data.get("actor_name") or data.get("task_name") or "worker"
     for line in data.get("lines", ()):
         logger.info("(%s pid=%s) %s", who, data.get("pid"), _ANSI_ESCAPE.sub("", line))
