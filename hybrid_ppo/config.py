@@ -142,7 +142,7 @@ class WarmupConfig(_Section):
 class DataConfig(_Section):
     name: ClassVar[str] = "data"
     prompts: str = "builtin:max-digit"
-    """Training prompts: a JSONL file, parquet file(s), a local `datasets` directory (save_to_disk), or `builtin:max-digit`."""
+    """Training prompts: a JSONL file, parquet file(s), a local `datasets` directory (save_to_disk), or `builtin:max-digit` | `builtin:word-math`."""
     eval_prompts: str | None = None
     """Held-out prompts in the same format. None: the builtin task's held-out split (builtin only)."""
     input_key: str = "prompt"
@@ -395,6 +395,11 @@ class LoggingConfig(_Section):
     """Also export the actor in HF format to RUN_DIR/hf/iter_NNNNNN every this many iterations; 0 disables."""
     verbose: bool = False
     """Also show on the terminal what the role processes print (library notices, warnings); always in train.log."""
+    wandb_project: str | None = None
+    """Also log the metrics and samples to Weights & Biases under this project; null: off (wandb never imported)."""
+    wandb_run_name: str | None = None
+    """The wandb run's name; null: the run directory's name."""
+    wandb_tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._require(self.samples_per_iteration >= 0, "samples_per_iteration", "an integer >= 0")

@@ -50,7 +50,8 @@ LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"
 RESUMABLE_KEYS = frozenset({
     "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
     "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
-    "logging.samples_per_iteration", "logging.verbose",
+    "logging.samples_per_iteration", "logging.verbose", "logging.wandb_project", "logging.wandb_run_name",
+    "logging.wandb_tags",
     "train.eval_every",
 })
 """What `hybrid-ppo resume RUN_DIR k=v` may change: how long and how a run is kept, never the math
@@ -195,9 +196,11 @@ def load_inputs(cfg: Config) -> Inputs:
     from hybrid_ppo.data import eval_prompts, prepare_prompts, train_prompts
     from hybrid_ppo.placement import make_plan
     from hybrid_ppo.roles.reward import check_reward_tokenizer
+    from hybrid_ppo.wandb_run import check_wandb_installed
 
     rule_reward = RuleReward(cfg.model.reward_fn, cfg.model.reward_timeout_s) if cfg.model.reward_fn else None
     make_plan(cfg)  # an infeasible placement fails here, not after the run directory exists
+    check_wandb_installed(cfg)
     train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
     paths = resolve_models(cfg)
     tokenizer = AutoTokenizer.from_pretrained(paths["actor"])
@@ -286,14 +289,16 @@ def train_in_run_dir(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Pat
     from hybrid_ppo.data import PromptBatches, prompt_key
     from hybrid_ppo.executor import make_executor
     from hybrid_ppo.samples import SampleLog
+    from hybrid_ppo.wandb_run import WandbRun
 
     start = time.perf_counter()
     tokenizer = inputs.tokenizer
     stop = StopRequest()
     scheduler = MemoryScheduler(memory_plan(cfg))
-    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard,
-                            resume_after=read_state(checkpoint)["iteration"] if checkpoint else None,
-                            tags={"estimator": cfg.algo.advantage_estimator.value})
+    resume_after = read_state(checkpoint)["iteration"] if checkpoint else None
+    tracker = WandbRun(cfg, run_dir, resume_after) if cfg.logging.wandb_project else None
+    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard, resume_after=resume_after,
+                            tags={"estimator": cfg.algo.advantage_estimator.value}, tracker=tracker)
     executor = make_executor(cfg)
     try:
         executor.start()
@@ -301,7 +306,7 @@ def train_in_run_dir(run_dir: Path, cfg: Config, inputs: Inputs, checkpoint: Pat
             roles = build_roles(executor, cfg, scheduler, inputs.paths, metrics)
             trainer = PPOTrainer(cfg, roles, scheduler, tokenizer,
                                  lambda examples: [inputs.token_ids[prompt_key(e)] for e in examples],
-                                 metrics, inputs.rule_reward, SampleLog(run_dir, cfg.logging.samples_per_iteration),
+                                 metrics, inputs.rule_reward, SampleLog(run_dir, cfg.logging.samples_per_iteration, tracker),
                                  inputs.special)
             batches = PromptBatches(inputs.train_examples, cfg.train.rollout_batch_size, cfg.train.seed)
             if checkpoint is not None:

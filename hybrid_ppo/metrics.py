@@ -23,8 +23,10 @@ class MetricsWriter:
     drops whatever a dead attempt logged past k, so no iteration appears twice or goes missing."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_after: int | None = None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, tracker: Any = None):
         self.tags = dict(tags or {})
+        self.tracker = tracker
+        """A `wandb_run.WandbRun` (or None): sent the same metrics as TensorBoard, closed with the writer."""
         """Written on every metrics.jsonl line (e.g. the advantage estimator), never to TensorBoard."""
         self.path = run_dir / "metrics.jsonl"
         if resume_after is not None:
@@ -50,6 +52,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
 
     def log_moves(self, step: int, moves: Iterable[Move]) -> None:
         for move in moves:
@@ -61,6 +65,8 @@ class MetricsWriter:
         self._timeline.close()
         if self._tb is not None:
             self._tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -15,8 +15,10 @@ FILE_NAME = "samples.jsonl"
 
 
 class SampleLog:
-    def __init__(self, run_dir: Path, per_iteration: int):
+    def __init__(self, run_dir: Path, per_iteration: int, tracker: Any = None):
         self.path, self.per_iteration = Path(run_dir) / FILE_NAME, per_iteration
+        self.tracker = tracker
+        """Also given each iteration's rows (`wandb_run.WandbRun.log_samples`), or None."""
 
     def write(self, iteration: int, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float],
               labels: Sequence[Any]) -> None:
@@ -24,8 +26,10 @@ class SampleLog:
         count = min(self.per_iteration, len(responses))
         if count == 0:
             return
+        rows = [{"prompt": prompts[i], "response": responses[i], "reward": float(rewards[i]), "label": labels[i]}
+                for i in range(count)]
         with self.path.open("a", encoding="utf-8") as out:
-            for i in range(count):
-                row = {"iteration": iteration, "prompt": prompts[i], "response": responses[i],
-                       "reward": float(rewards[i]), "label": labels[i]}
-                out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            for row in rows:
+                out.write(json.dumps({"iteration": iteration, **row}, ensure_ascii=False, default=str) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_samples(iteration, rows)

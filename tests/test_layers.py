@@ -23,7 +23,8 @@ KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = set()
 LAYERS: list[list[str]] = [
     ["errors", "algo.types", "atomic_file", "progress", "samples", "seeding", "special_tokens", "stopping"],  # leaves: stdlib only
     ["config"],
-    ["compat", "ops", "algo", "ptx", "checkpoint", "tasks", "data", "placement", "memory", "metrics", "rewards"],
+    ["compat", "ops", "algo", "ptx", "checkpoint", "tasks", "data", "placement", "memory", "metrics", "rewards",
+     "wandb_run"],
     ["executor", "role_process"],  # how role processes start, and what each one shares
     ["rollout"],  # engines and the weight-sync protocol
     ["roles"],  # actor (the sender of a weight sync), critic, reference, reward model
