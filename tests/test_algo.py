@@ -171,8 +171,15 @@ def test_kl_signs_and_zero_when_equal() -> None:
         assert (kl_penalty(logp, logp, estimator) == 0).all()
 
 
-def test_k3_stays_finite_for_extreme_log_ratio() -> None:
-    assert torch.isfinite(kl_penalty(t([[-200.0]]), t([[0.0]]), "k3")).all()
+def test_k3_is_exact_at_a_known_ratio_and_clamped_at_an_extreme_one() -> None:
+
+    from hybrid_ppo.algo.ppo import K3_LOG_RATIO_LIMIT
+
+    # log(pi/pi_ref) = -1: k3 = r - 1 - log r with r = pi_ref/pi = e.
+    assert kl_penalty(t([[-1.0]]), t([[0.0]]), "k3").item() == pytest.approx(math.e - 2, rel=1e-6)
+    # -200 is clamped to -limit: the value there, not inf.
+    limit = K3_LOG_RATIO_LIMIT
+    assert kl_penalty(t([[-200.0]]), t([[0.0]]), "k3").item() == pytest.approx(math.expm1(limit) - limit, rel=1e-5)
 
 
 def test_unknown_estimator_is_rejected() -> None:
