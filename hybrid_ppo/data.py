@@ -1,7 +1,7 @@
 """Prompt datasets: where prompts come from, how they become token ids, how they are batched.
 
-A prompt spec (config `data.prompts` / `data.eval_prompts`) is `builtin:max-digit` (the built-in
-task, `hybrid_ppo.tasks.max_digit`) or a local path:
+A prompt spec (config `data.prompts` / `data.eval_prompts`) is `builtin:<task>` (a task generated
+in code: `max-digit`, the default job's, or `word-math`, for a real chat model) or a local path:
 
 * a JSONL file, one object per line (blank lines are skipped);
 * a parquet file, or a directory of them;
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, DataConfig, OverlongPrompts
 from hybrid_ppo.errors import HybridPPOError
-from hybrid_ppo.tasks import max_digit
+from hybrid_ppo.tasks import max_digit, word_math
 from hybrid_ppo.tasks.base import Example
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ __all__ = ["DataError", "Example", "PreparedPrompts", "PromptBatches", "encode_p
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("max-digit",)
+BUILTIN_DATASETS = {max_digit.TASK_NAME: max_digit, word_math.TASK_NAME: word_math}
+"""Tasks generated in code: name -> module with `make_examples(split, n, seed)`."""
 SPLITS = ("train", "eval")
 
 
@@ -55,7 +56,7 @@ class DataError(HybridPPOError, ValueError):
 def load_prompts(spec: str, split: str, cfg: Config) -> list[Example]:
     """Examples of `split` ('train' or 'eval') from a builtin dataset, a file or a dataset directory.
 
-    builtin:max-digit: 'train' is the whole train split in a seeded order (`train.seed`), 'eval'
+    builtin:<task> (max-digit, word-math): 'train' is the whole train split in a seeded order (`train.seed`), 'eval'
     the first `data.eval_size` held-out examples. A path is one split by itself: 'train' returns
     every row, 'eval' the first `data.eval_size`. Chats stay unrendered (see `render_examples`).
     """
@@ -66,8 +67,9 @@ def load_prompts(spec: str, split: str, cfg: Config) -> list[Example]:
         if name not in BUILTIN_DATASETS:
             known = " | ".join(BUILTIN_PREFIX + known_name for known_name in BUILTIN_DATASETS)
             raise DataError(f"unknown builtin dataset {spec!r}; known: {known}")
-        size = len(max_digit.split_digits(split)) if split == "train" else cfg.data.eval_size
-        return max_digit.make_examples(split, size, cfg.train.seed)
+        task = BUILTIN_DATASETS[name]
+        size = len(task.split_problems(split)) if split == "train" else cfg.data.eval_size
+        return task.make_examples(split, size, cfg.train.seed)
     examples = read_prompt_source(spec, cfg.data)
     return examples if split == "train" else examples[: cfg.data.eval_size]
 
@@ -87,7 +89,7 @@ def read_prompt_source(spec: str, data: DataConfig = DataConfig()) -> list[Examp
     path = Path(spec)
     if not path.exists():
         raise DataError(f"prompt data {spec!r} does not exist (expected a JSONL or parquet file, a local "
-                        "`datasets` directory, or builtin:max-digit; nothing is downloaded)")
+                        "`datasets` directory, or builtin:max-digit | builtin:word-math; nothing is downloaded)")
     if path.is_file() and path.suffix != ".parquet":
         return read_jsonl(path, data)
     rows = _dataset_rows(path)
@@ -101,7 +103,7 @@ def read_jsonl(path: str | Path, data: DataConfig = DataConfig()) -> list[Exampl
     """Every line of a JSONL prompt file, in file order."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"prompt file {str(path)!r} does not exist (expected a JSONL file or builtin:max-digit)")
+        raise DataError(f"prompt file {str(path)!r} does not exist (expected a JSONL file or a builtin:<task>)")
     examples = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):

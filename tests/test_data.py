@@ -25,7 +25,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def test_builtin_prompts_train_and_eval_are_disjoint_and_sized_by_config() -> None:
     cfg = Config(data=DataConfig(eval_size=100), train=TrainConfig(seed=4))
     train, held_out = train_prompts(cfg), eval_prompts(cfg)
-    assert len(held_out) == 100 and len(train) == len(max_digit.split_digits("train"))
+    assert len(held_out) == 100 and len(train) == len(max_digit.split_problems("train"))
     assert not {ex.prompt for ex in train} & {ex.prompt for ex in held_out}
     assert all(ex.label == max_digit.answer(ex.prompt) for ex in held_out)
     assert load_prompts("builtin:max-digit", "eval", cfg) == held_out  # seeded by train.seed

@@ -81,7 +81,7 @@ def test_answer_heuristic_and_prompt_parsing() -> None:
 
 
 def test_splits_are_disjoint_cover_every_tuple_and_sample_deterministically() -> None:
-    train, held_out = set(max_digit.split_digits("train")), set(max_digit.split_digits("eval"))
+    train, held_out = set(max_digit.split_problems("train")), set(max_digit.split_problems("eval"))
     assert not train & held_out and len(train | held_out) == 10**max_digit.NUM_DIGITS
     assert 0.15 < len(held_out) / 10**max_digit.NUM_DIGITS < 0.25
     examples = max_digit.make_examples("eval", 300, seed=1)

@@ -80,7 +80,7 @@ def split_of(digits: Sequence[int]) -> str:
     return "eval" if bucket < EVAL_FRACTION else "train"
 
 
-def split_digits(split: str) -> list[tuple[int, ...]]:
+def split_problems(split: str) -> list[tuple[int, ...]]:
     """Every digit tuple of `split`, in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {' | '.join(SPLITS)}")
@@ -96,7 +96,7 @@ def make_examples(split: str, n: int, seed: int) -> list[Example]:
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    pool, rng, picked = split_digits(split), random.Random(f"{TASK_NAME}/{split}/{seed}"), []
+    pool, rng, picked = split_problems(split), random.Random(f"{TASK_NAME}/{split}/{seed}"), []
     while len(picked) < n:
         rng.shuffle(pool)
         picked.extend(pool[: n - len(picked)])
