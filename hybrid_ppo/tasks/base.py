@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import hashlib
+import random
+from typing import Any, NamedTuple, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 class Example(NamedTuple):
@@ -20,3 +24,21 @@ class Example(NamedTuple):
     any plain text."""
     source: str = ""
     """Where the example came from (`file:line`, or `dir[row]`), for error messages."""
+
+
+def stable_split(key: str, eval_fraction: float) -> str:
+    """'train' or 'eval' for a problem named `key`, from a hash: the same on every machine and run."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def seeded_picks(pool: Sequence[T], n: int, seed_key: str) -> list[T]:
+    """`n` items of `pool` in a random order seeded by `seed_key`: distinct while n <= len(pool),
+    beyond that the pool is repeated, each pass reshuffled."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    pool, rng, picked = list(pool), random.Random(seed_key), []
+    while len(picked) < n:
+        rng.shuffle(pool)
+        picked.extend(pool[: n - len(picked)])
+    return picked

@@ -33,12 +33,10 @@ EOS and so carries extra words) scores 0.0.
 
 from __future__ import annotations
 
-import hashlib
-import random
 from typing import Sequence
 
 from hybrid_ppo.errors import InputError
-from hybrid_ppo.tasks.base import Example
+from hybrid_ppo.tasks.base import Example, seeded_picks, stable_split
 
 TASK_NAME = "max-digit"
 NUM_DIGITS = 4
@@ -75,9 +73,7 @@ def heuristic_label(prompt: str) -> str:
 
 def split_of(digits: Sequence[int]) -> str:
     """'train' or 'eval', from a stable hash of the tuple (the same on every machine and run)."""
-    key = ",".join(map(str, digits)).encode()
-    bucket = int.from_bytes(hashlib.sha256(key).digest()[:4], "big") / 2**32
-    return "eval" if bucket < EVAL_FRACTION else "train"
+    return stable_split(",".join(map(str, digits)), EVAL_FRACTION)
 
 
 def split_problems(split: str) -> list[tuple[int, ...]]:
@@ -94,12 +90,7 @@ def make_examples(split: str, n: int, seed: int) -> list[Example]:
     They are distinct while n <= the split's size (about 8,000 train / 2,000 eval); beyond that the
     split is repeated, each pass reshuffled.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    pool, rng, picked = split_problems(split), random.Random(f"{TASK_NAME}/{split}/{seed}"), []
-    while len(picked) < n:
-        rng.shuffle(pool)
-        picked.extend(pool[: n - len(picked)])
+    picked = seeded_picks(split_problems(split), n, f"{TASK_NAME}/{split}/{seed}")
     prompts = [format_prompt(digits) for digits in picked]
     return [Example(prompt, answer(prompt)) for prompt in prompts]
 

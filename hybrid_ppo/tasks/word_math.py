@@ -15,12 +15,10 @@ Splits. A problem is its (template, a, b) triple; each triple belongs to one spl
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import random
 from typing import Callable, NamedTuple
 
-from hybrid_ppo.tasks.base import Example
+from hybrid_ppo.tasks.base import Example, seeded_picks, stable_split
 
 TASK_NAME = "word-math"
 EVAL_FRACTION = 0.2
@@ -64,8 +62,7 @@ class Problem(NamedTuple):
 
 def split_of(problem: Problem) -> str:
     """'train' or 'eval', from a stable hash of the problem (the same on every machine and run)."""
-    bucket = int.from_bytes(hashlib.sha256(repr(tuple(problem)).encode()).digest()[:4], "big") / 2**32
-    return "eval" if bucket < EVAL_FRACTION else "train"
+    return stable_split(repr(tuple(problem)), EVAL_FRACTION)
 
 
 def split_problems(split: str) -> list[Problem]:
@@ -79,11 +76,6 @@ def split_problems(split: str) -> list[Problem]:
 
 def make_examples(split: str, n: int, seed: int) -> list[Example]:
     """`n` labelled chat examples of `split` in a seeded order (distinct while n <= the split's size)."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    pool, rng, picked = split_problems(split), random.Random(f"{TASK_NAME}/{split}/{seed}"), []
-    while len(picked) < n:
-        rng.shuffle(pool)
-        picked.extend(pool[: n - len(picked)])
+    picked = seeded_picks(split_problems(split), n, f"{TASK_NAME}/{split}/{seed}")
     return [Example(p.prompt(), p.answer(), source=f"builtin:{TASK_NAME}[{split} {p.template},{p.a},{p.b}]")
             for p in picked]
