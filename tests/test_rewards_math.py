@@ -78,3 +78,15 @@ def test_format_reward(response, expected):
 
 def test_format_custom_pattern():
     assert format_reward.matches(["Answer: 3", "3"], r"Answer: \d+") == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("so \\boxed{17}", 1.0),
+    ("\\boxed{3} then \\boxed{x+1}", 1.0),   # the last one counts, right or wrong
+    ("\\boxed{}", 0.0),                      # what SmolLM2-135M-Instruct writes
+    ("\\boxed{ }", 0.0),
+    ("\\boxed{4", 0.0),                      # never closed
+    ("17", 0.0),
+])
+def test_boxed_format_reward(response, expected):
+    assert format_reward.boxed(["p"], [response], [None]) == [expected]
