@@ -62,11 +62,13 @@ def is_user_error_type(cls: type) -> bool:
 
 
 def is_out_of_memory(cls: type) -> bool:
-    """torch.OutOfMemoryError (a RuntimeError) or host MemoryError: the user acts on it with a
-    smaller micro-batch or engine share. torch is looked up, not imported: errors.py imports
-    nothing heavy, and anything that ran out of device memory imported torch long before."""
-    torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
-    return issubclass(cls, MemoryError) or isinstance(torch_oom, type) and issubclass(cls, torch_oom)
+    """torch.OutOfMemoryError (a RuntimeError), host MemoryError, or Ray's OutOfMemoryError (its
+    memory monitor killed a role because the node ran low): the user acts on it with a smaller
+    micro-batch or engine share, or fewer other jobs on the box. torch and Ray are looked up, not
+    imported: errors.py imports nothing heavy, and whatever ran out of memory imported them long before."""
+    found = (getattr(sys.modules.get("torch"), "OutOfMemoryError", None),
+             getattr(sys.modules.get("ray.exceptions"), "OutOfMemoryError", None))
+    return issubclass(cls, MemoryError) or any(isinstance(oom, type) and issubclass(cls, oom) for oom in found)
 
 
 OUT_OF_MEMORY_HINT = ("out of memory: lower train.micro_batch_size (or rollout.gpu_memory_utilization for "
@@ -86,20 +88,26 @@ def one_line(err: BaseException, traceback_file: Path | None = None) -> tuple[st
     if isinstance(err, RunFailed):
         run_dir, checkpoint = err.run_dir, err.checkpoint
         err = err.__cause__ or err
+    suffix = ""
     if isinstance(err, RoleError) and not err.died:
         where = f"role '{err.role}' rank {err.rank}" + (f", phase {err.phase}" if err.phase else "")
         cause_type, cause_name = err.cause_type, err.cause_type_name
-        message = f"{err.cause_text} ({where})"
+        raw, suffix = err.cause_text, f" ({where})"
     elif isinstance(err, KeyboardInterrupt):
-        cause_type, cause_name, message = type(err), type(err).__name__, "interrupted (Ctrl-C) before the run started"
+        cause_type, cause_name, raw = type(err), type(err).__name__, "interrupted (Ctrl-C) before the run started"
     else:
-        cause_type, cause_name, message = type(err), type(err).__name__, _text(err)
+        cause_type, cause_name, raw = type(err), type(err).__name__, str(err) or type(err).__name__
+    text = _joined(raw)
     if cause_type is not None and is_out_of_memory(cause_type):
-        message = f"{OUT_OF_MEMORY_HINT}: {message}"
+        # Ray's runs on for 40 lines (the node's memory table): its first says what happened, and
+        # train.log keeps the rest.
+        message = f"{OUT_OF_MEMORY_HINT}: {_first_line(raw)}{suffix}"
     elif not (cause_type is not None and is_user_error_type(cause_type)):
-        message = f"{BUG}: {cause_name}: {message}"
+        message = f"{BUG}: {cause_name}: {text}{suffix}"
         if run_dir is None and traceback_file is not None:
             message += f"; traceback in {traceback_file}"
+    else:
+        message = text + suffix
     if run_dir is not None:
         if not isinstance(err, Interrupted):  # a requested stop is no failure to debug
             message += f"; traceback in {run_dir / 'train.log'}"
@@ -130,9 +138,13 @@ def _exit_code(err: BaseException, interrupted: type) -> int:
     return err.exit_code if isinstance(err, HybridPPOError) else EXIT_ERROR
 
 
-def _text(err: BaseException) -> str:
-    """The exception's message on one line (placement errors list one problem per line)."""
-    lines = [line.strip() for line in (str(err) or type(err).__name__).splitlines() if line.strip()]
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _joined(text: str) -> str:
+    """A message on one line (placement errors list one problem per line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     # A heading line ("infeasible placement plan:") runs on into its list; list items take "; ".
     return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith(":") else "; ")
                    for i, line in enumerate(lines))

@@ -101,6 +101,20 @@ def test_out_of_memory_in_a_role_is_the_users_to_act_on_and_says_how():
     assert "internal error" not in message and code == 1
 
 
+def test_a_role_killed_by_rays_memory_monitor_is_one_line_that_says_out_of_memory():
+    import ray.exceptions
+
+    # What Ray raised when the node ran low during a run on this box (its memory table cut short).
+    essay = ("2 worker(s) were killed due to the node running low on memory.\n"
+             "Memory on the node (IP: 192.0.2.2) was 23.29GB used / 23.54GB limit (0.989225)\n"
+             "OOM kill reason: Memory usage 24208052224B exceeded threshold\nObject store memory usage: [\n- objects: 0]")
+    oom = RoleError("actor", 0, "__init__", ray.exceptions.OutOfMemoryError(essay))
+    message, code = one_line(failed_run(oom))
+    assert message.startswith("out of memory: lower train.micro_batch_size")
+    assert "2 worker(s) were killed due to the node running low on memory. (role 'actor' rank 0)" in message
+    assert "\n" not in message and "Object store" not in message and "internal error" not in message
+
+
 def test_every_error_raised_for_the_user_shares_one_base():
     from hybrid_ppo.checkpoint import CheckpointError
     from hybrid_ppo.config import ConfigError
