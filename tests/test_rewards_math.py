@@ -90,3 +90,10 @@ def test_format_custom_pattern():
 ])
 def test_boxed_format_reward(response, expected):
     assert format_reward.boxed(["p"], [response], [None]) == [expected]
+
+
+def test_a_cold_pool_does_not_spend_the_first_samples_time_limit():
+    # Spawning the workers and importing math-verify take seconds (longer on a loaded box): before
+    # the pool was warmed at start, a right answer in a run's first batch could score 0.
+    math_reward._kill_pool()
+    assert math_reward.accuracy(["p", "p"], ["\\boxed{1/2}", "\\boxed{3}"], ["0.5", "3"], timeout_s=0.5) == [1.0, 1.0]

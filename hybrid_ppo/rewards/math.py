@@ -3,7 +3,8 @@
 The answer is the content of the response's last `\\boxed{...}` (nested braces handled); it is
 compared to the label symbolically with `math-verify` (so `1/2`, `0.5` and `\\frac{1}{2}` agree).
 A label is a string or a list of accepted answers. No answer, an unparsable one, or one that
-takes longer than `SAMPLE_TIMEOUT_S` scores 0.0; the function never raises.
+takes longer than `SAMPLE_TIMEOUT_S` scores 0.0; no response makes the function raise. The
+limit counts from a warm worker: a pool's start-up (spawn, imports) is not a sample's time.
 
 Why a process pool: math-verify bounds its own parsing and sympy work with SIGALRM, which works
 only in the main thread, and a reward may run in a thread (RuleReward) or a Ray actor. So its own
@@ -14,11 +15,13 @@ a pathological expression cannot hang the step, and a thread cannot be killed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import threading
 from typing import Any, Sequence
 
 SAMPLE_TIMEOUT_S = 5.0
+STARTUP_TIMEOUT_S = 300.0
 WORKERS = 2
 
 _pool: cf.ProcessPoolExecutor | None = None
@@ -71,12 +74,26 @@ def score_one(answer: str, accepted: list[str]) -> float:
     return 0.0
 
 
+def _warm() -> float:
+    """A worker's first job: the imports and math-verify's first parse (seconds, under load more)."""
+    return score_one("1", ["1"])
+
+
 def _get_pool() -> cf.ProcessPoolExecutor:
+    """The worker pool, started and warmed: a fresh worker's spawn and imports must not count
+    against the first samples' `SAMPLE_TIMEOUT_S` (on a loaded box they took longer, and right
+    answers scored 0). A pool that cannot start within `STARTUP_TIMEOUT_S` raises."""
     global _pool
     with _pool_lock:
         if _pool is None:
             # spawn, not fork: the caller may hold threads (Ray, torch) that a fork would copy mid-state.
-            _pool = cf.ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            pool = cf.ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            warming = [pool.submit(_warm) for _ in range(WORKERS)]
+            cf.wait(warming, timeout=STARTUP_TIMEOUT_S)
+            if not all(w.done() and not w.exception() for w in warming):
+                _kill(pool)
+                raise RuntimeError(f"math-verify workers did not start within {STARTUP_TIMEOUT_S:g} s")
+            _pool = pool
         return _pool
 
 
@@ -86,14 +103,19 @@ def _kill_pool() -> None:
     with _pool_lock:
         pool, _pool = _pool, None
     if pool is not None:
-        for proc in list(getattr(pool, "_processes", {}).values()):  # the executor has no public kill
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        _kill(pool)
+
+
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    for proc in list(getattr(pool, "_processes", {}).values()):  # the executor has no public kill
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def accuracy(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[Any] | None,
              timeout_s: float = SAMPLE_TIMEOUT_S) -> list[float]:
-    """1.0 per response whose last boxed answer matches its label, else 0.0; never raises."""
+    """1.0 per response whose last boxed answer matches its label, else 0.0; no response makes it
+    raise (only workers that cannot start at all do)."""
     labels = list(labels) if labels is not None else [None] * len(responses)
     scores = [0.0] * len(responses)
     jobs: dict[int, cf.Future] = {}
@@ -102,7 +124,7 @@ def accuracy(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[
         if answer is not None and answer.strip() and accepted:
             try:
                 jobs[i] = _get_pool().submit(score_one, answer, accepted)
-            except Exception:  # a broken pool: start over for the rest
+            except BrokenProcessPool:  # a worker died: start over for the rest
                 _kill_pool()
     for i, job in jobs.items():
         try:
