@@ -30,7 +30,7 @@ from hybrid_ppo.executor import RoleError
 from hybrid_ppo.memory.plan import CHECKPOINT_PHASES, SCORE_PHASES, Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
-from hybrid_ppo.roles.reward import RuleReward
+from hybrid_ppo.rewards.combine import CombinedReward, RewardScores, term_metrics
 from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, logprob_diff_max, sampling_seed
 from hybrid_ppo.rollout.sync_driver import choose_transport, sync_weights
 from hybrid_ppo.samples import SampleLog
@@ -86,8 +86,9 @@ class Scores:
 
     old_logprobs: torch.Tensor  # [B, R] the actor's, at the rollout temperature
     ref_logprobs: torch.Tensor  # [B, R] the reference model's
-    reward: torch.Tensor  # [B] the reward model's or the rule reward's score of each response
+    reward: torch.Tensor  # [B] the reward model's or the rule rewards' (weighted) score of each response
     values: torch.Tensor | None = None  # [B, R] the critic's
+    reward_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> [B] each logged reward term
 
 
 def sequence_kl(experience: Experience, estimator) -> float:
@@ -100,7 +101,7 @@ def sequence_kl(experience: Experience, estimator) -> float:
 class PPOTrainer:
     def __init__(self, cfg: Config, roles: RoleGroups, scheduler: MemoryScheduler, tokenizer,
                  encode: Callable[[list[Example]], list[list[int]]], metrics: MetricsWriter,
-                 rule_reward: RuleReward | None, samples: SampleLog | None = None, special: SpecialTokens | None = None):
+                 rule_reward: CombinedReward | None, samples: SampleLog | None = None, special: SpecialTokens | None = None):
         self.cfg, self.roles, self.scheduler, self.tokenizer = cfg, roles, scheduler, tokenizer
         self.encode, self.metrics, self.rule_reward, self.samples = encode, metrics, rule_reward, samples
         # The run passes the ids resolved from the actor's checkpoint (what the engines use too).
@@ -166,7 +167,7 @@ class PPOTrainer:
         for phase in self.plan_phases(SCORE_PHASES):
             with self.phase(phase):
                 if phase is Phase.SCORE_REWARD:
-                    out["reward"] = self.sequence_rewards(rollout)
+                    out["reward"], out["reward_terms"] = self.sequence_rewards(rollout)
                 else:
                     role, method, name = SCORE_CALLS[phase]
                     out[name] = self._sharded(getattr(self.roles, role), method, rollout.sequences)
@@ -187,7 +188,7 @@ class PPOTrainer:
         experience = Experience.build(rollout.sequences, old_logprobs=scores.old_logprobs,
                                       ref_logprobs=scores.ref_logprobs, rewards=rewards, advantages=advantages,
                                       values=scores.values, returns=returns)
-        stats = self.reward_stats(scores.reward, experience, kl)
+        stats = {**self.reward_stats(scores.reward, experience, kl), **term_metrics(scores.reward_terms)}
         if returns is not None:
             stats.update(critic_stats(scores.values, returns, mask))
         return experience, stats
@@ -220,9 +221,9 @@ class PPOTrainer:
         return stats.metrics()
 
     # -- scoring helpers ----------------------------------------------------------------------
-    def sequence_rewards(self, rollout: Rollout) -> torch.Tensor:
+    def sequence_rewards(self, rollout: Rollout) -> RewardScores:
         if self.roles.reward is not None:
-            return self._sharded(self.roles.reward, "score", rollout.sequences)
+            return RewardScores(self._sharded(self.roles.reward, "score", rollout.sequences), {})
         labels = [e.label for e in rollout.examples]
         metadata = [e.metadata or {} for e in rollout.examples]
         return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels, metadata)
@@ -237,11 +238,11 @@ class PPOTrainer:
             rollout = self.generate(examples, SamplingParams(self.cfg.rollout.max_new_tokens, temperature=0.0))
         lengths = {"eval/response_tokens": float(rollout.sequences.action_mask.sum(-1).float().mean())}
         if self.roles.reward is None:  # a rule reward runs here in the driver: no phase change
-            scores = self.sequence_rewards(rollout)
+            scores = self.sequence_rewards(rollout).total
             self.eval_is_accuracy &= bool(((scores == 0) | (scores == 1)).all())
             return {EVAL_METRIC: float(scores.mean()), **lengths}
         with self.phase(Phase.SCORE_REWARD, record=False):
-            scores = self.sequence_rewards(rollout)
+            scores = self.sequence_rewards(rollout).total
         # Scoring put the engine to sleep (level 2 discards its weights), but the next GENERATE
         # expects the actor's weights in the engine: sync them again.
         self.resync_engines()
