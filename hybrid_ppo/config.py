@@ -375,6 +375,18 @@ class AlgoConfig(_Section):
     """Stop the actor's epochs early when approx KL(old || new) exceeds this; null: never."""
     ptx_coef: float = 0.0
     """PPO-ptx: add ptx_coef * LM loss on a data.pretrain micro-batch to every actor micro-batch (0: off)."""
+    overlong_buffer: int | None = None
+    """DAPO overlong shaping: the reward falls linearly over the last this many tokens before rollout.max_new_tokens; null: off."""
+    overlong_penalty_factor: float = 1.0
+    """Overlong shaping: the penalty at rollout.max_new_tokens tokens (0 at max_new_tokens - overlong_buffer)."""
+    mask_truncated: bool = False
+    """Leave responses that hit rollout.max_new_tokens without a stop token out of the loss (DAPO's overlong filtering)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling (grpo, rloo): drop groups whose rewards are all equal, sample more until rollout_batch_size groups have signal."""
+    max_sampling_rounds: int = 3
+    """Dynamic sampling: at most this many generate rounds per iteration; then train on the groups found (sampling/short = 1)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight the policy gradient by min(pi_old / pi_engine, tis_cap) per token; null: off."""
 
     def __post_init__(self) -> None:
         self._unit_interval("gamma", "lam")
@@ -397,6 +409,12 @@ class AlgoConfig(_Section):
         if self.target_kl is not None:
             self._positive("target_kl")
         self._require(self.ptx_coef >= 0, "ptx_coef", "a number >= 0")
+        if self.overlong_buffer is not None:
+            self._positive("overlong_buffer")
+        self._require(self.overlong_penalty_factor >= 0, "overlong_penalty_factor", "a number >= 0")
+        self._positive("max_sampling_rounds")
+        if self.tis_cap is not None:
+            self._require(self.tis_cap >= 1, "tis_cap", "a number >= 1 (a cap below 1 would shrink on-policy tokens), or null")
 
 
 @dataclass
@@ -509,6 +527,18 @@ class Config:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
                               f"a multiple of placement.num_gpus ({self.placement.num_gpus}) with "
                               f"{estimator.value}: every rank computes advantages over whole groups")
+        algo, max_new = self.algo, self.rollout.max_new_tokens
+        if algo.overlong_buffer is not None and algo.overlong_buffer > max_new:
+            raise ConfigError("algo.overlong_buffer", algo.overlong_buffer,
+                              f"at most rollout.max_new_tokens = {max_new} tokens, or null")
+        if algo.dynamic_sampling and not estimator.uses_groups:
+            raise ConfigError("algo.dynamic_sampling", True,
+                              f"false with algo.advantage_estimator={estimator.value} (it drops groups of responses to "
+                              f"one prompt whose rewards are all equal: grpo or rloo only)")
+        if algo.tis_cap is not None and self.rollout.top_p < 1:
+            raise ConfigError("algo.tis_cap", algo.tis_cap,
+                              f"null with rollout.top_p = {self.rollout.top_p} (the engine's log-probs are after the "
+                              f"top-p cut, the actor's are not: the ratio would measure top-p, not the mismatch)")
         if self.algo.ptx_coef > 0 and self.data.pretrain is None:
             raise ConfigError("data.pretrain", None, "a JSONL file or datasets directory (required when algo.ptx_coef > 0)")
 

@@ -335,13 +335,15 @@ def ppo_loop(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: 
     else:
         before = next((r[EVAL_METRIC] for r in read_metrics(metrics.path) if EVAL_METRIC in r), float("nan"))
     saved = first if first else None
+
+    def draw() -> list:  # the samples of one prompt are contiguous rows: the group estimators rely on it
+        return [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
+
     with iteration_progress(cfg.train.iterations, first) as advance:
         for it in range(first, cfg.train.iterations):
             if stop.requested:
                 break
-            # The samples of one prompt are contiguous rows: the group estimators rely on it.
-            examples = [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
-            stats = trainer.step(examples)
+            stats = trainer.step(draw(), more=draw)  # dynamic sampling draws more prompts
             if cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0 and it + 1 != cfg.train.iterations:
                 stats.update(trainer.evaluate(eval_examples))
             metrics.log(it + 1, stats)  # before the checkpoint: a resume never loses a logged iteration
