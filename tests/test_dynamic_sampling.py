@@ -76,7 +76,8 @@ def test_grpo_reward_fns_dynamic_sampling_under_ray(tmp_path):
            ' {fn: "test_dynamic_sampling:first_group_flat", weight: 0.5, name: flat}]')
     steps, _ = _run(tmp_path, "ray", "model.reward_fn=null", fns, "train.rollout_batch_size=8",
                     "train.mini_batch_size=16", "train.micro_batch_size=4", "algo.max_sampling_rounds=2",
-                    "algo.overlong_buffer=2", "algo.tis_cap=2", executor=())
+                    "algo.overlong_buffer=2", "algo.mask_truncated=true", "algo.tis_cap=2",
+                    executor=())
     assert len(steps) == 2
     for step in steps:
         assert all(math.isfinite(v) for k, v in step.items() if k != "estimator")
@@ -91,4 +92,6 @@ def test_grpo_reward_fns_dynamic_sampling_under_ray(tmp_path):
         assert 0.0 < step["tis/weight_mean"] <= 2.0 and 0.0 <= step["tis/capped_fraction"] <= 1.0
         assert step["rollout/logprob_diff_max"] < 1e-3  # HF engine and actor agree: weights near 1
         assert step["tis/weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        rows = GROUP * (step["sampling/groups_with_signal"] + step["sampling/padding_groups"])
+        assert step["rollout/masked_truncated"] == round(step["rollout/truncated_frac"] * rows)
         assert step["estimator"] == "grpo"
