@@ -59,3 +59,17 @@ def test_a_bad_term_is_named_by_its_index():
                              'model.reward_fns=[{fn: "hybrid_ppo.rewards.math:accuracy"}, {fn: "hybrid_ppo.rewards.math:nope"}]'])
     with pytest.raises(InputError, match=r"model.reward_fns\[1\].fn .*has no function 'nope'"):
         build_reward(cfg)
+
+
+def test_reward_fns_survive_the_saved_config(tmp_path):
+    """A run's config.yaml (to_dict) loads back to the same reward_fns, as resume needs."""
+    import yaml
+
+    from hybrid_ppo.launch import resume_config
+
+    cfg = load_config(None, ["model.reward_fn=null", MATH_AND_FORMAT])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    again = resume_config(tmp_path, ["model.reward_retries=5"])
+    assert again.model.reward_fns == cfg.model.reward_fns and again.model.reward_retries == 5
+    with pytest.raises(ConfigError, match="no change on resume"):
+        resume_config(tmp_path, ['model.reward_fns=[{fn: "hybrid_ppo.rewards.math:accuracy", weight: 2.0}]'])
