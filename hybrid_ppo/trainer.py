@@ -26,7 +26,7 @@ from hybrid_ppo.algo.estimators import AdvantageBatch, sequence_scores
 from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.algo.kl_controller import KLController
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
-from hybrid_ppo.algo.tis import tis_metrics, tis_weights
+from hybrid_ppo.algo.tis import TISWeights, tis_metrics, tis_weights
 from hybrid_ppo.config import Config, ConfigError, KLPlacement
 from hybrid_ppo.executor import RoleError
 from hybrid_ppo.memory.plan import CHECKPOINT_PHASES, Phase
@@ -34,9 +34,9 @@ from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
 from hybrid_ppo.rewards.combine import CombinedReward, RewardScores, term_metrics
 from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, logprob_diff_max, sampling_seed
-from hybrid_ppo.seeding import derived_seed
 from hybrid_ppo.rollout.sync_driver import choose_transport, sync_weights
 from hybrid_ppo.samples import SampleLog
+from hybrid_ppo.seeding import derived_seed
 from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
 from hybrid_ppo.stopping import check_abandoned
 from hybrid_ppo.tasks.base import Example
@@ -167,7 +167,7 @@ class PPOTrainer:
         for sampling_round in range(algo.max_sampling_rounds):
             if sampling_round:
                 self.resync_engines()  # scoring the rewards put the engines to sleep
-                examples = more() if more is not None else examples
+                examples = more() if more is not None else examples  # without `more`: the same prompts, resampled
             rounds.append(self.sample_round(examples, sampling_round))
             pool.add(rounds[-1][1].total)
             if pool.full:
@@ -252,7 +252,7 @@ class PPOTrainer:
             stats.update(critic_stats(scores.values, returns, mask))
         return experience, stats
 
-    def tis(self, rollout: Rollout, scores: Scores):
+    def tis(self, rollout: Rollout, scores: Scores) -> TISWeights | None:
         """algo.tis_cap's weights min(pi_old / pi_engine, C) per token, or None when off."""
         cap = self.cfg.algo.tis_cap
         if cap is None:
