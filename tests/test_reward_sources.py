@@ -7,6 +7,7 @@ import torch
 
 from hybrid_ppo.config import ConfigError, load_config
 from hybrid_ppo.errors import InputError
+from hybrid_ppo.rewards import math as math_reward
 from hybrid_ppo.rewards.combine import term_metrics
 from hybrid_ppo.roles.reward import build_reward
 
@@ -15,6 +16,9 @@ MATH_AND_FORMAT = ('model.reward_fns=[{fn: "hybrid_ppo.rewards.math:accuracy", w
 
 
 def test_weighted_builtin_rewards_total_and_terms():
+    # Start math-verify's worker processes first, with a generous limit: on a loaded machine their
+    # spawn and import can outlast the per-sample 5 s, which would score a right answer 0.
+    math_reward.accuracy(["p", "p"], ["\\boxed{1}", "\\boxed{2}"], ["1", "2"], timeout_s=300)
     cfg = load_config(None, ["model.reward_fn=null", MATH_AND_FORMAT])
     reward = build_reward(cfg)
     responses = ["<think>2+2</think> \\boxed{4}",  # right, formatted: 1 + 0.25
