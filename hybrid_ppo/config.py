@@ -9,6 +9,7 @@ in later, so a config is not mutated after validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -93,6 +94,26 @@ class _Section:
 
 
 @dataclass
+class RewardTerm:
+    """One rule reward of `model.reward_fns`, summed with the others at `weight`."""
+
+    fn: str = ""
+    """`package.module:function`, the contract of `model.reward_fn`."""
+    weight: float = 1.0
+    """Its weight in the total reward (any finite number; a negative weight is a penalty)."""
+    name: str | None = None
+    """Its metric name, `reward/<name>_mean`; null: the function's name."""
+
+    @property
+    def metric_name(self) -> str:
+        return self.name or self.fn.rpartition(":")[2]
+
+
+REWARD_SOURCES = ("reward_fn", "reward_fns", "reward_url", "reward_model")
+"""Where a run's reward comes from: exactly one of these model.* keys is set."""
+
+
+@dataclass
 class ModelConfig(_Section):
     name: ClassVar[str] = "model"
     actor: str = "builtin:tiny-llama"
@@ -102,22 +123,54 @@ class ModelConfig(_Section):
     reference: str | None = None
     """Frozen reference policy for the KL term. None: the actor's initial weights."""
     reward_model: str | None = None
-    """A local sequence-classification model (num_labels=1) used as reward. None: use `reward_fn`."""
+    """A local sequence-classification model (num_labels=1) used as reward. Exactly one of reward_fn, reward_fns, reward_url, reward_model is set."""
     reward_fn: str | None = "hybrid_ppo.tasks.max_digit:reward"
-    """Rule reward `module:function(prompts, responses, labels=None) -> list[float]`, used when reward_model is None."""
+    """Rule reward `module:function(prompts, responses, labels=None) -> list[float]` (null when another reward source is set)."""
     dtype: DType = DType.FP32
     """Parameter and compute dtype of every role: fp32 or bf16."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward for the actor and critic (saves memory, costs ~30% time)."""
+    reward_fns: list[RewardTerm] | None = None
+    """Several rule rewards at once, summed with weights: `[{fn: 'pkg.mod:func', weight: 1.0, name: optional}]`; each also logged as `reward/<name>_mean`."""
+    reward_url: str | None = None
+    """A remote reward service: each batch is POSTed as JSON {prompts, responses, labels, metadata} and answers {"rewards": [...]}."""
     reward_timeout_s: float = 300.0
-    """A rule reward call that takes longer than this (seconds) fails the step, naming the function."""
+    """A rule reward call (or one request to reward_url) that takes longer than this (seconds) fails (the request is retried)."""
+    reward_retries: int = 3
+    """reward_url: retries of a failed or timed-out request, with exponential backoff (1 s, 2 s, 4 s, ...)."""
+    reward_batch_size: int = 256
+    """reward_url: at most this many samples per request (a batch is split)."""
 
     def __post_init__(self) -> None:
-        self._positive("reward_timeout_s")
-        has_rm, has_fn = self.reward_model is not None, self.reward_fn is not None
-        self._require(has_rm != has_fn, "reward_fn", "exactly one of model.reward_model / model.reward_fn set")
-        if has_fn:
+        self._positive("reward_timeout_s", "reward_batch_size")
+        self._require(self.reward_retries >= 0, "reward_retries", "an integer >= 0")
+        given = [key for key in REWARD_SOURCES if getattr(self, key) is not None]
+        if len(given) != 1:
+            key = given[-1] if given else "reward_fn"
+            value = getattr(self, key)
+            value = [t.fn for t in value] if key == "reward_fns" else value
+            raise ConfigError(f"model.{key}", value, "exactly one reward source among model." + ", model.".join(REWARD_SOURCES)
+                          + (f" (set: {', '.join(given)}; set the others to null)" if given else " (none is set)"))
+        if self.reward_fn is not None:
             self._require(":" in self.reward_fn, "reward_fn", "'package.module:function'")
+        if self.reward_url is not None:
+            self._require(self.reward_url.startswith(("http://", "https://")), "reward_url", "an http:// or https:// URL")
+        if self.reward_fns is not None:
+            self._check_reward_fns(self.reward_fns)
+
+    def _check_reward_fns(self, terms: list[RewardTerm]) -> None:
+        if not terms:
+            raise ConfigError("model.reward_fns", [], "a non-empty list of {fn, weight, name} (or null)")
+        for i, term in enumerate(terms):
+            key = f"model.reward_fns[{i}]"
+            if ":" not in term.fn:
+                raise ConfigError(f"{key}.fn", term.fn, "'package.module:function'")
+            if not math.isfinite(term.weight):
+                raise ConfigError(f"{key}.weight", term.weight, "a finite number")
+        names = [t.metric_name for t in terms]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ConfigError("model.reward_fns", names, f"distinct names (two are {duplicate!r}: give one a `name`)")
 
 
 @dataclass
@@ -322,6 +375,18 @@ class AlgoConfig(_Section):
     """Stop the actor's epochs early when approx KL(old || new) exceeds this; null: never."""
     ptx_coef: float = 0.0
     """PPO-ptx: add ptx_coef * LM loss on a data.pretrain micro-batch to every actor micro-batch (0: off)."""
+    overlong_buffer: int | None = None
+    """DAPO overlong shaping: the reward falls linearly over the last this many tokens before rollout.max_new_tokens; null: off."""
+    overlong_penalty_factor: float = 1.0
+    """Overlong shaping: the penalty at rollout.max_new_tokens tokens (0 at max_new_tokens - overlong_buffer)."""
+    mask_truncated: bool = False
+    """Leave responses that hit rollout.max_new_tokens without a stop token out of the loss (DAPO's overlong filtering)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling (grpo, rloo): drop groups whose rewards are all equal, sample more until rollout_batch_size groups have signal."""
+    max_sampling_rounds: int = 3
+    """Dynamic sampling: at most this many generate rounds per iteration; then train on the groups found (sampling/short = 1)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight the policy gradient by min(pi_old / pi_engine, tis_cap) per token; null: off."""
 
     def __post_init__(self) -> None:
         self._unit_interval("gamma", "lam")
@@ -344,6 +409,12 @@ class AlgoConfig(_Section):
         if self.target_kl is not None:
             self._positive("target_kl")
         self._require(self.ptx_coef >= 0, "ptx_coef", "a number >= 0")
+        if self.overlong_buffer is not None:
+            self._positive("overlong_buffer")
+        self._require(self.overlong_penalty_factor >= 0, "overlong_penalty_factor", "a number >= 0")
+        self._positive("max_sampling_rounds")
+        if self.tis_cap is not None:
+            self._require(self.tis_cap >= 1, "tis_cap", "a number >= 1 (a cap below 1 would shrink on-policy tokens), or null")
 
 
 @dataclass
@@ -456,6 +527,18 @@ class Config:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
                               f"a multiple of placement.num_gpus ({self.placement.num_gpus}) with "
                               f"{estimator.value}: every rank computes advantages over whole groups")
+        algo, max_new = self.algo, self.rollout.max_new_tokens
+        if algo.overlong_buffer is not None and algo.overlong_buffer > max_new:
+            raise ConfigError("algo.overlong_buffer", algo.overlong_buffer,
+                              f"at most rollout.max_new_tokens = {max_new} tokens, or null")
+        if algo.dynamic_sampling and not estimator.uses_groups:
+            raise ConfigError("algo.dynamic_sampling", True,
+                              f"false with algo.advantage_estimator={estimator.value} (it drops groups of responses to "
+                              f"one prompt whose rewards are all equal: grpo or rloo only)")
+        if algo.tis_cap is not None and self.rollout.top_p < 1:
+            raise ConfigError("algo.tis_cap", algo.tis_cap,
+                              f"null with rollout.top_p = {self.rollout.top_p} (the engine's log-probs are after the "
+                              f"top-p cut, the actor's are not: the ratio would measure top-p, not the mismatch)")
         if self.algo.ptx_coef > 0 and self.data.pretrain is None:
             raise ConfigError("data.pretrain", None, "a JSONL file or datasets directory (required when algo.ptx_coef > 0)")
 

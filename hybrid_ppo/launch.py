@@ -38,7 +38,8 @@ from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, read_metrics
 from hybrid_ppo.placement import roles_for
 from hybrid_ppo.progress import iteration_progress
-from hybrid_ppo.roles.reward import RuleReward
+from hybrid_ppo.rewards.combine import CombinedReward
+from hybrid_ppo.roles.reward import build_reward
 from hybrid_ppo.special_tokens import SpecialTokens, resolve_special_tokens
 from hybrid_ppo.stopping import Interrupted, StopRequest
 from hybrid_ppo.trainer import EVAL_METRIC, PPOTrainer, RoleGroups
@@ -49,7 +50,7 @@ LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 RESUMABLE_KEYS = frozenset({
     "train.iterations", "train.save_every", "train.keep_checkpoints", "train.max_skipped_steps",
-    "model.reward_timeout_s", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
+    "model.reward_timeout_s", "model.reward_retries", "model.reward_batch_size", "memory.offload", "memory.profile", "logging.tensorboard", "logging.save_hf_every",
     "logging.samples_per_iteration", "logging.verbose", "logging.wandb_project", "logging.wandb_run_name",
     "logging.wandb_tags",
     "train.eval_every",
@@ -183,7 +184,7 @@ class Inputs:
     token_ids: dict[tuple[str, bool], list[int]]  # every prompt, encoded once (data.prompt_key)
     train_examples: list
     eval_examples: list
-    rule_reward: RuleReward | None
+    rule_reward: CombinedReward | None  # every driver-side reward source; None with a reward model
     special: SpecialTokens  # the actor's pad and EOS ids; the engines resolve the same from the same path
 
 
@@ -198,7 +199,7 @@ def load_inputs(cfg: Config) -> Inputs:
     from hybrid_ppo.roles.reward import check_reward_tokenizer
     from hybrid_ppo.wandb_run import check_wandb_installed
 
-    rule_reward = RuleReward(cfg.model.reward_fn, cfg.model.reward_timeout_s) if cfg.model.reward_fn else None
+    rule_reward = build_reward(cfg)
     make_plan(cfg)  # an infeasible placement fails here, not after the run directory exists
     check_wandb_installed(cfg)
     train_examples, eval_examples = train_prompts(cfg), eval_prompts(cfg)
@@ -334,13 +335,15 @@ def ppo_loop(cfg: Config, trainer: PPOTrainer, batches, eval_examples, metrics: 
     else:
         before = next((r[EVAL_METRIC] for r in read_metrics(metrics.path) if EVAL_METRIC in r), float("nan"))
     saved = first if first else None
+
+    def draw() -> list:  # the samples of one prompt are contiguous rows: the group estimators rely on it
+        return [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
+
     with iteration_progress(cfg.train.iterations, first) as advance:
         for it in range(first, cfg.train.iterations):
             if stop.requested:
                 break
-            # The samples of one prompt are contiguous rows: the group estimators rely on it.
-            examples = [e for e in next(batches) for _ in range(cfg.train.samples_per_prompt)]
-            stats = trainer.step(examples)
+            stats = trainer.step(draw(), more=draw)  # dynamic sampling draws more prompts
             if cfg.train.eval_every and (it + 1) % cfg.train.eval_every == 0 and it + 1 != cfg.train.iterations:
                 stats.update(trainer.evaluate(eval_examples))
             metrics.log(it + 1, stats)  # before the checkpoint: a resume never loses a logged iteration

@@ -1,7 +1,7 @@
 """The PPO loop. One iteration reads like the algorithm:
 
-    generate -> score (old log-probs, ref log-probs, values, rewards) -> advantages
-             -> train critic -> train actor -> sync weights to the engines
+    sample (generate, rewards; more rounds under dynamic sampling) -> score (old log-probs,
+    ref log-probs, values) -> advantages -> train critic -> train actor -> sync weights to the engines
 
 Every phase runs inside `self.phase(...)`, which lets the memory scheduler make the plan's moves
 and times the phase. Ray, offloading and timing stay behind that one call. The scoring and
@@ -20,20 +20,23 @@ from typing import Callable, Iterator
 
 import torch
 
+from hybrid_ppo.algo import dapo
 from hybrid_ppo.algo.advantages import token_rewards
 from hybrid_ppo.algo.estimators import AdvantageBatch, sequence_scores
 from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.algo.kl_controller import KLController
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
-from hybrid_ppo.config import Config, KLPlacement
+from hybrid_ppo.algo.tis import TISWeights, tis_metrics, tis_weights
+from hybrid_ppo.config import Config, ConfigError, KLPlacement
 from hybrid_ppo.executor import RoleError
-from hybrid_ppo.memory.plan import CHECKPOINT_PHASES, SCORE_PHASES, Phase
+from hybrid_ppo.memory.plan import CHECKPOINT_PHASES, Phase
 from hybrid_ppo.memory.scheduler import MemoryScheduler
 from hybrid_ppo.metrics import MetricsWriter, mean_over_ranks, peak_memory
-from hybrid_ppo.roles.reward import RuleReward
+from hybrid_ppo.rewards.combine import CombinedReward, RewardScores, term_metrics
 from hybrid_ppo.rollout.engine import SamplingParams, is_stop, left_pad, logprob_diff_max, sampling_seed
 from hybrid_ppo.rollout.sync_driver import choose_transport, sync_weights
 from hybrid_ppo.samples import SampleLog
+from hybrid_ppo.seeding import derived_seed
 from hybrid_ppo.special_tokens import SpecialTokens, special_tokens_from
 from hybrid_ppo.stopping import check_abandoned
 from hybrid_ppo.tasks.base import Example
@@ -79,6 +82,18 @@ class Rollout:
     engine_logprobs: torch.Tensor | None = None  # [B, R] the engines' log-probs of the sampled tokens, if they give them
     generate_s: float = float("nan")  # wall time of the engines' generate calls
 
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        logprobs = None if self.engine_logprobs is None else self.engine_logprobs[rows]
+        return Rollout(self.sequences.select(rows), [self.examples[i] for i in rows.tolist()],
+                       [self.responses[i] for i in rows.tolist()], logprobs, self.generate_s)
+
+    @staticmethod
+    def cat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """Several rounds' rollouts as one batch (generate_s: all the rounds' generation time)."""
+        logprobs = None if any(p.engine_logprobs is None for p in parts) else torch.cat([p.engine_logprobs for p in parts])
+        return Rollout(dapo.cat_sequences([p.sequences for p in parts], pad_id), [e for p in parts for e in p.examples],
+                       [r for p in parts for r in p.responses], logprobs, sum(p.generate_s for p in parts))
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -86,8 +101,9 @@ class Scores:
 
     old_logprobs: torch.Tensor  # [B, R] the actor's, at the rollout temperature
     ref_logprobs: torch.Tensor  # [B, R] the reference model's
-    reward: torch.Tensor  # [B] the reward model's or the rule reward's score of each response
+    reward: torch.Tensor  # [B] the reward model's or the rule rewards' (weighted) score of each response
     values: torch.Tensor | None = None  # [B, R] the critic's
+    reward_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> [B] each logged reward term
 
 
 def sequence_kl(experience: Experience, estimator) -> float:
@@ -100,7 +116,7 @@ def sequence_kl(experience: Experience, estimator) -> float:
 class PPOTrainer:
     def __init__(self, cfg: Config, roles: RoleGroups, scheduler: MemoryScheduler, tokenizer,
                  encode: Callable[[list[Example]], list[list[int]]], metrics: MetricsWriter,
-                 rule_reward: RuleReward | None, samples: SampleLog | None = None, special: SpecialTokens | None = None):
+                 rule_reward: CombinedReward | None, samples: SampleLog | None = None, special: SpecialTokens | None = None):
         self.cfg, self.roles, self.scheduler, self.tokenizer = cfg, roles, scheduler, tokenizer
         self.encode, self.metrics, self.rule_reward, self.samples = encode, metrics, rule_reward, samples
         # The run passes the ids resolved from the actor's checkpoint (what the engines use too).
@@ -113,12 +129,12 @@ class PPOTrainer:
         """Whether eval/reward_mean is an accuracy: a rule reward that has only ever given 0 or 1."""
 
     # -- one PPO iteration ------------------------------------------------------------------
-    def step(self, examples: list[Example]) -> dict[str, float]:
+    def step(self, examples: list[Example], more: Callable[[], list[Example]] | None = None) -> dict[str, float]:
+        """One iteration on `examples`; `more()` draws the next prompts when dynamic sampling needs them."""
         self._phase_times = {}
         start = time.perf_counter()
-        with self.phase(Phase.GENERATE):
-            rollout = self.generate(examples, self.sampling())
-        scores = self.score(rollout)
+        rollout, rewards, sampling_stats = self.sample(examples, more)
+        scores = self.score(rollout, rewards)
         self.log_samples(rollout, scores)
         with self.phase(Phase.ADVANTAGE):
             experience, experience_stats = self.make_experience(rollout, scores)
@@ -130,18 +146,55 @@ class PPOTrainer:
             sync_stats = self.sync_weights()
         self.kl.update(sequence_kl(experience, self.cfg.algo.kl_estimator), len(experience))
         self.iteration += 1
-        return {**self.rollout_metrics(rollout, scores), **experience_stats, **train_stats, **sync_stats,
-                **self._phase_times, **self.throughput(rollout, time.perf_counter() - start)}
+        return {**self.rollout_metrics(rollout, scores), **sampling_stats, **experience_stats, **train_stats,
+                **sync_stats, **self._phase_times, **self.throughput(rollout, time.perf_counter() - start)}
 
     def plan_phases(self, phases) -> list[Phase]:
         """Those of `phases` that this run's plan has, in iteration order."""
         return [p for p in self.scheduler.plan if p in phases]
 
-    def generate(self, examples: list[Example], sampling: SamplingParams) -> Rollout:
+    def sample(self, examples: list[Example], more: Callable[[], list[Example]] | None
+               ) -> tuple[Rollout, RewardScores, dict[str, float]]:
+        """GENERATE and the rewards. With algo.dynamic_sampling, groups whose rewards are all equal
+        are dropped and more prompts sampled, at most algo.max_sampling_rounds rounds, until the
+        batch has train.rollout_batch_size groups with signal (algo/dapo.py); else one round."""
+        algo, n = self.cfg.algo, self.cfg.train.samples_per_prompt
+        if not algo.dynamic_sampling:
+            return (*self.sample_round(examples, 0), {})
+        pool = dapo.SignalGroups(self.cfg.train.rollout_batch_size, n,
+                                 dapo.group_unit(self.cfg.train.mini_batch_size, n, self.cfg.placement.num_gpus))
+        rounds: list[tuple[Rollout, RewardScores]] = []
+        for sampling_round in range(algo.max_sampling_rounds):
+            if sampling_round:
+                self.resync_engines()  # scoring the rewards put the engines to sleep
+                examples = more() if more is not None else examples  # without `more`: the same prompts, resampled
+            rounds.append(self.sample_round(examples, sampling_round))
+            pool.add(rounds[-1][1].total)
+            if pool.full:
+                break
+        picks = pool.picks()
+        rollout = Rollout.cat([r.select(rows) for (r, _), rows in zip(rounds, picks)], self.special.pad_id)
+        rewards = _cat_rewards([w for _, w in rounds], picks)
+        return rollout, rewards, pool.metrics()
+
+    def sample_round(self, examples: list[Example], sampling_round: int) -> tuple[Rollout, RewardScores]:
+        """One GENERATE and the rewards of what it generated (with the overlong penalty, if on)."""
+        with self.phase(Phase.GENERATE):
+            rollout = self.generate(examples, self.sampling(), sampling_round)
+        with self.phase(Phase.SCORE_REWARD):
+            rewards = self.sequence_rewards(rollout)
+        algo = self.cfg.algo
+        if algo.overlong_buffer is None:
+            return rollout, rewards
+        penalty = dapo.overlong_penalty(rollout.sequences.action_mask.sum(-1), self.cfg.rollout.max_new_tokens,
+                                        algo.overlong_buffer, algo.overlong_penalty_factor)
+        return rollout, RewardScores(rewards.total + penalty, {**rewards.terms, "overlong_penalty": penalty})
+
+    def generate(self, examples: list[Example], sampling: SamplingParams, sampling_round: int = 0) -> Rollout:
         prompts = self.encode(examples)
         shards = _split_list(prompts, self.roles.rollout.world_size)
         start = time.perf_counter()
-        outputs = self.roles.rollout.call_each("generate", [(shard, self._seeded(sampling, rank))
+        outputs = self.roles.rollout.call_each("generate", [(shard, self._seeded(sampling, rank, sampling_round))
                                                             for rank, shard in enumerate(shards)])
         seconds = time.perf_counter() - start
         response_ids = torch.cat([o.response_ids for o in outputs])
@@ -151,26 +204,24 @@ class PPOTrainer:
         return Rollout(sequences, examples, self.decode_responses(response_ids, response_mask), engine_logprobs,
                        seconds)
 
-    def _seeded(self, sampling: SamplingParams, rank: int) -> SamplingParams:
+    def _seeded(self, sampling: SamplingParams, rank: int, sampling_round: int = 0) -> SamplingParams:
         if sampling.greedy:
             return sampling
-        return dataclasses.replace(sampling, seed=sampling_seed(self.cfg.rollout_seed, self.iteration, rank))
+        seed = sampling_seed(self.cfg.rollout_seed, self.iteration, rank)
+        return dataclasses.replace(sampling, seed=derived_seed(seed, sampling_round) if sampling_round else seed)
 
     def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         return decode_responses(self.tokenizer, self.special, response_ids, response_mask)
 
-    def score(self, rollout: Rollout) -> Scores:
+    def score(self, rollout: Rollout, rewards: RewardScores) -> Scores:
         """One model at a time, each on its own shards: old log-probs, ref log-probs, values (with a
-        critic), rewards."""
+        critic); the rewards were scored with the sampling (SCORE_REWARD)."""
         out: dict[str, torch.Tensor] = {}
-        for phase in self.plan_phases(SCORE_PHASES):
+        for phase in self.plan_phases(SCORE_CALLS):
             with self.phase(phase):
-                if phase is Phase.SCORE_REWARD:
-                    out["reward"] = self.sequence_rewards(rollout)
-                else:
-                    role, method, name = SCORE_CALLS[phase]
-                    out[name] = self._sharded(getattr(self.roles, role), method, rollout.sequences)
-        return Scores(**out)
+                role, method, name = SCORE_CALLS[phase]
+                out[name] = self._sharded(getattr(self.roles, role), method, rollout.sequences)
+        return Scores(reward=rewards.total, reward_terms=rewards.terms, **out)
 
     def make_experience(self, rollout: Rollout, scores: Scores) -> tuple[Experience, dict[str, float]]:
         """KL-shaped token rewards here; the estimator (GAE through ops.gae, whitening) on the
@@ -184,13 +235,37 @@ class PPOTrainer:
         outs = group.call_each("advantages", [(shard,) for shard in batch.shard(group.world_size)])
         advantages = torch.cat([o.advantages for o in outs])
         returns = torch.cat([o.returns for o in outs]) if scores.values is not None else None
-        experience = Experience.build(rollout.sequences, old_logprobs=scores.old_logprobs,
+        tis = self.tis(rollout, scores)
+        truncated = self.truncated(rollout)
+        # After the advantages: a truncated response still counts in its group's statistics.
+        trained = dapo.without_rows(rollout.sequences, truncated) if algo.mask_truncated else rollout.sequences
+        experience = Experience.build(trained, old_logprobs=scores.old_logprobs,
                                       ref_logprobs=scores.ref_logprobs, rewards=rewards, advantages=advantages,
-                                      values=scores.values, returns=returns)
-        stats = self.reward_stats(scores.reward, experience, kl)
+                                      values=scores.values, returns=returns,
+                                      tis_weights=None if tis is None else tis.weights)
+        stats = {**self.reward_stats(scores.reward, experience, kl), **term_metrics(scores.reward_terms)}
+        if tis is not None:
+            stats.update(tis_metrics(tis, mask))
+        if algo.mask_truncated:
+            stats["rollout/masked_truncated"] = float(truncated.sum())
         if returns is not None:
             stats.update(critic_stats(scores.values, returns, mask))
         return experience, stats
+
+    def tis(self, rollout: Rollout, scores: Scores) -> TISWeights | None:
+        """algo.tis_cap's weights min(pi_old / pi_engine, C) per token, or None when off."""
+        cap = self.cfg.algo.tis_cap
+        if cap is None:
+            return None
+        if rollout.engine_logprobs is None:
+            raise ConfigError("algo.tis_cap", cap, f"null with rollout.engine={self.cfg.rollout.engine.value}: "
+                              "this engine returns no sampled-token log-probs")
+        return tis_weights(scores.old_logprobs, rollout.engine_logprobs, rollout.sequences.action_mask, cap)
+
+    def truncated(self, rollout: Rollout) -> torch.Tensor:
+        """[B] True for responses that reached rollout.max_new_tokens without a stop token."""
+        mask = rollout.sequences.action_mask
+        return ~(is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
 
     def reward_stats(self, scores: torch.Tensor, experience: Experience, kl: torch.Tensor) -> dict[str, float]:
         """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL."""
@@ -220,9 +295,9 @@ class PPOTrainer:
         return stats.metrics()
 
     # -- scoring helpers ----------------------------------------------------------------------
-    def sequence_rewards(self, rollout: Rollout) -> torch.Tensor:
+    def sequence_rewards(self, rollout: Rollout) -> RewardScores:
         if self.roles.reward is not None:
-            return self._sharded(self.roles.reward, "score", rollout.sequences)
+            return RewardScores(self._sharded(self.roles.reward, "score", rollout.sequences), {})
         labels = [e.label for e in rollout.examples]
         metadata = [e.metadata or {} for e in rollout.examples]
         return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels, metadata)
@@ -237,11 +312,11 @@ class PPOTrainer:
             rollout = self.generate(examples, SamplingParams(self.cfg.rollout.max_new_tokens, temperature=0.0))
         lengths = {"eval/response_tokens": float(rollout.sequences.action_mask.sum(-1).float().mean())}
         if self.roles.reward is None:  # a rule reward runs here in the driver: no phase change
-            scores = self.sequence_rewards(rollout)
+            scores = self.sequence_rewards(rollout).total
             self.eval_is_accuracy &= bool(((scores == 0) | (scores == 1)).all())
             return {EVAL_METRIC: float(scores.mean()), **lengths}
         with self.phase(Phase.SCORE_REWARD, record=False):
-            scores = self.sequence_rewards(rollout)
+            scores = self.sequence_rewards(rollout).total
         # Scoring put the engine to sleep (level 2 discards its weights), but the next GENERATE
         # expects the actor's weights in the engine: sync them again.
         self.resync_engines()
@@ -295,8 +370,7 @@ class PPOTrainer:
         are from the actor's (when the engines return them)."""
         mask = rollout.sequences.action_mask
         lengths = mask.sum(-1).float()
-        ends_in_eos = (is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
-        stats = {"rollout/truncated_frac": float((~ends_in_eos).float().mean()),
+        stats = {"rollout/truncated_frac": float(self.truncated(rollout).float().mean()),
                  "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                  "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean()),
                  "rollout/tokens_per_s": float(mask.sum()) / rollout.generate_s}
@@ -320,9 +394,10 @@ class PPOTrainer:
         except RoleError as err:
             err.phase = err.phase or phase.value  # the one place that knows which phase failed
             raise
-        if record:
-            self._phase_times[f"time/{phase.value}"] = time.perf_counter() - start
-            self._phase_times[f"time/{phase.value}_moves"] = sum(m.seconds for m in moves)
+        if record:  # summed: dynamic sampling enters GENERATE and SCORE_REWARD once per round
+            times = self._phase_times
+            times[f"time/{phase.value}"] = times.get(f"time/{phase.value}", 0.0) + time.perf_counter() - start
+            times[f"time/{phase.value}_moves"] = times.get(f"time/{phase.value}_moves", 0.0) + sum(m.seconds for m in moves)
             for field, gib in peak_memory(moves).items():
                 self._phase_times[f"memory/{phase.value}/{field}"] = gib
 
@@ -335,6 +410,12 @@ def decode_responses(tokenizer, special: SpecialTokens, response_ids: torch.Tens
     rows = [ids[:n].tolist() for ids, n in zip(response_ids, lengths)]
     rows = [r[:-1] if r and r[-1] in special.eos_ids else r for r in rows]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def _cat_rewards(rounds: list[RewardScores], picks: list[torch.Tensor]) -> RewardScores:
+    """The rewards of the rows `picks` of each round, as one batch."""
+    total = torch.cat([r.total[rows] for r, rows in zip(rounds, picks)])
+    return RewardScores(total, {k: torch.cat([r.terms[k][rows] for r, rows in zip(rounds, picks)]) for k in rounds[0].terms})
 
 
 def _split_list(items: list, parts: int) -> list[list]:

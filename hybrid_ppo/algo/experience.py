@@ -69,6 +69,7 @@ class Experience:
     advantages: Tensor  # [B, R] the estimator's advantages (algo/estimators.py), 0 on padding
     values: Tensor | None = None  # [B, R] V_old(s_t): critic value of the state before action t; None without a critic
     returns: Tensor | None = None  # [B, R] GAE advantages + values before whitening: the critic's target
+    tis_weights: Tensor | None = None  # [B, R] min(pi_old / pi_engine, algo.tis_cap) on the policy gradient; None: off
 
     @classmethod
     def build(cls, sequences: Sequences, **scores: Tensor | None) -> "Experience":

@@ -117,6 +117,7 @@ def policy_loss(
     dual_clip: float | None = None,
     agg: LossAgg | str = LossAgg.TOKEN_MEAN,
     norm: LossNorm | None = None,
+    token_weights: Tensor | None = None,
 ) -> PolicyLoss:
     """PPO clipped surrogate loss, with optional clip-higher and dual-clip.
 
@@ -125,6 +126,7 @@ def policy_loss(
         loss_t = max(−ρ·A, −clip(ρ, 1 − ε, 1 + ε_hi)·A)
         dual-clip (c > 1), where A < 0:   loss_t = min(loss_t, −c·A)
 
+    then times ``token_weights`` (detached; truncated importance weights, ``algo/tis.py``) if given,
     aggregated by ``agg`` (token mean by default). Dual-clip bounds the loss of a token whose
     ratio exploded on a negative advantage (Ye et al. 2020). ``clip_frac`` counts the tokens
     where the clipped term is strictly the larger loss, i.e. where the token gives no gradient.
@@ -143,6 +145,8 @@ def policy_loss(
         bound = -dual_clip * advantages
         lower = (advantages < 0) & (bound < per_token)
         per_token = torch.where(lower, bound, per_token)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().float()
     loss = aggregate(per_token, mask, agg, norm)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask)

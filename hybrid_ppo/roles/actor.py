@@ -66,8 +66,9 @@ class Actor(TrainedRole):
         # [B, R, V] buffer. The fused path has no such buffer at all.
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
                                               inplace_backward=True, fused=self.lm_head_path == FUSED)
+        tis = None if micro.tis_weights is None else micro.tis_weights.to(self.device)
         ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
-                          mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm)
+                          mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm, tis)
         loss = ppo.loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, norm)
         parts = {"loss/policy": ppo.loss.detach(), "actor/clip_frac": ppo.clip_frac,
                  "actor/approx_kl": ppo.approx_kl, "actor/entropy": masked_mean(entropy.detach(), mask),

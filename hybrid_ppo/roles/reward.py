@@ -38,6 +38,7 @@ from hybrid_ppo.algo.advantages import last_token_index
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.config import Config
 from hybrid_ppo.errors import HybridPPOError, InputError
+from hybrid_ppo.rewards.combine import CombinedReward, RewardSource
 from hybrid_ppo.role_process import torch_dtype
 from hybrid_ppo.roles.forward import to_device
 from hybrid_ppo.roles.frozen import FrozenRole
@@ -51,26 +52,46 @@ class RewardError(HybridPPOError, RuntimeError):
     """A reward function misbehaved; the message names the sample."""
 
 
-def load_reward_fn(spec: str) -> RewardFn:
+def load_reward_fn(spec: str, key: str = "model.reward_fn") -> RewardFn:
     """`package.module:function` -> the function, with errors that say which half is wrong."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise InputError(f"model.reward_fn {spec!r}: cannot import module {module_name!r} ({err})") from None
+        raise InputError(f"{key} {spec!r}: cannot import module {module_name!r} ({err})") from None
     except SyntaxError as err:  # the user's own file: name it and the line
-        raise InputError(f"model.reward_fn {spec!r}: syntax error in {err.filename}:{err.lineno}: {err.msg}") from None
+        raise InputError(f"{key} {spec!r}: syntax error in {err.filename}:{err.lineno}: {err.msg}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise InputError(f"model.reward_fn {spec!r}: module {module_name!r} has no function {attr!r}")
+        raise InputError(f"{key} {spec!r}: module {module_name!r} has no function {attr!r}")
     return fn
+
+
+def build_reward(cfg: Config) -> CombinedReward | None:
+    """The run's driver-side reward as one weighted list of sources (None with a reward model,
+    which scores on its own ranks): `reward_fn` or `reward_url` as one term of weight 1,
+    `reward_fns` term by term (each then logged as reward/<name>_mean)."""
+    m = cfg.model
+    if m.reward_fn is not None:
+        sources = [RewardSource(m.reward_fn.rpartition(":")[2], 1.0, RuleReward(m.reward_fn, m.reward_timeout_s))]
+    elif m.reward_fns is not None:
+        sources = [RewardSource(t.metric_name, t.weight, RuleReward(t.fn, m.reward_timeout_s, f"model.reward_fns[{i}].fn"))
+                   for i, t in enumerate(m.reward_fns)]
+    elif m.reward_url is not None:
+        from hybrid_ppo.rewards.remote import RemoteReward
+
+        sources = [RewardSource("remote", 1.0, RemoteReward(m.reward_url, m.reward_timeout_s, m.reward_retries,
+                                                             m.reward_batch_size))]
+    else:
+        return None
+    return CombinedReward(sources, log_terms=m.reward_fns is not None)
 
 
 class RuleReward:
     """A rule reward function, checked on every call."""
 
-    def __init__(self, spec: str, timeout_s: float = 300.0):
-        self.spec, self.fn, self.timeout_s = spec, load_reward_fn(spec), timeout_s
+    def __init__(self, spec: str, timeout_s: float = 300.0, key: str = "model.reward_fn"):
+        self.spec, self.fn, self.timeout_s = spec, load_reward_fn(spec, key), timeout_s
         self.takes_metadata = _accepts_keyword(self.fn, "metadata")
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list[Any] | None,
