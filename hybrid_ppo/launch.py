@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from hybrid_ppo.atomic_file import write_text_atomic
+from hybrid_ppo.build_locks import remove_stale_locks
 from hybrid_ppo.checkpoint import (HF_EXPORTS, HF_FINAL, CheckpointError, checkpoint_name, latest_checkpoint,
                                    read_state, replace_dir, write_checkpoint)
 from hybrid_ppo.config import BUILTIN_PREFIX, Config, ConfigError, LRSchedule, load_config
@@ -81,11 +82,12 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def setup_environment(cfg: Config) -> None:
-    """Keep JIT-built ops and Ray's files inside the cache dir, so a run is self-contained; keep
-    library notices off the terminal."""
+    """Keep JIT-built ops and Ray's files inside the cache dir, so a run is self-contained (and no
+    dead build's lock there hangs it); keep library notices off the terminal."""
     cache = cfg.logging.resolved_cache_dir.resolve()
     cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    remove_stale_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():  # what DeepSpeed would find, minus its warning in every role process

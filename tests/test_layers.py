@@ -21,7 +21,7 @@ KNOWN_MODULE_CYCLES: set[frozenset[str]] = set()
 KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = set()
 
 LAYERS: list[list[str]] = [
-    ["errors", "algo.types", "atomic_file", "progress", "samples", "seeding", "special_tokens", "stopping"],  # leaves: stdlib only
+    ["errors", "algo.types", "atomic_file", "build_locks", "progress", "samples", "seeding", "special_tokens", "stopping"],  # leaves: stdlib only
     ["config"],
     ["compat", "ops", "algo", "ptx", "checkpoint", "tasks", "data", "placement", "memory", "metrics", "rewards",
      "wandb_run"],
