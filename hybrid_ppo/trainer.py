@@ -22,8 +22,9 @@ import torch
 
 from hybrid_ppo.algo.advantages import token_rewards
 from hybrid_ppo.algo.estimators import AdvantageBatch, sequence_scores
-from hybrid_ppo.algo.experience import Experience, Sequences
+from hybrid_ppo.algo.experience import Experience, Sequences, equal_slices
 from hybrid_ppo.algo.kl_controller import KLController
+from hybrid_ppo.algo.packing import balanced_shards, real_lengths
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
 from hybrid_ppo.config import Config, KLPlacement
 from hybrid_ppo.executor import RoleError
@@ -204,7 +205,7 @@ class PPOTrainer:
     def train(self, phase: Phase, experience: Experience) -> dict[str, float]:
         role = TRAIN_ROLES[phase]
         group = getattr(self.roles, role)
-        shards = experience.shard(group.world_size)
+        shards = [experience.select(rows) for rows in self.shard_rows(experience.sequences, group.world_size)]
         extra = {"kl_coef": self.kl.value} if role == "actor" else {}
         return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards], **extra))
 
@@ -228,7 +229,18 @@ class PPOTrainer:
         return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels, metadata)
 
     def _sharded(self, group, method: str, seq: Sequences) -> torch.Tensor:
-        return torch.cat(group.call_each(method, [(shard,) for shard in seq.shard(group.world_size)]))
+        rows = self.shard_rows(seq, group.world_size)
+        outs = group.call_each(method, [(seq.select(r),) for r in rows])
+        result = outs[0].new_empty((len(seq), *outs[0].shape[1:]))
+        result[torch.cat(rows)] = torch.cat(outs)
+        return result
+
+    def shard_rows(self, seq: Sequences, num_shards: int) -> list[torch.Tensor]:
+        """Each rank's rows: contiguous equal shards, or under a token budget equal-size shards with
+        balanced real-token sums (algo/packing.py), so no rank waits on another's longer micro-batches."""
+        if self.cfg.train.max_tokens_per_micro_batch is None:
+            return [torch.arange(rows.start, rows.stop) for rows in equal_slices(len(seq), num_shards)]
+        return [torch.tensor(rows) for rows in balanced_shards(real_lengths(seq), num_shards)]
 
     # -- outside the iteration ----------------------------------------------------------------
     def evaluate(self, examples: list[Example]) -> dict[str, float]:

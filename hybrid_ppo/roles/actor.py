@@ -50,10 +50,9 @@ class Actor(TrainedRole):
     def logprobs(self, seq: Sequences) -> Tensor:
         """[B, R] log pi_old of the sampled responses (SCORE_ACTOR)."""
         self.engine.eval()
-        out = [response_logprobs(self.engine, to_device(c, self.device), self.cfg.rollout.temperature,
-                                 fused=self.lm_head_path == FUSED).cpu()
-               for c in seq.chunks(self.cfg.train.micro_batch_size)]
-        return torch.cat(out)
+        return self.in_micro_batches(lambda c: response_logprobs(
+            self.engine, to_device(c, self.device), self.cfg.rollout.temperature, fused=self.lm_head_path == FUSED,
+            packed=self.cfg.train.packing).cpu(), seq)
 
     def loss(self, micro: Experience, norm: LossNorm, kl_coef: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss − entropy bonus (+ KL in the loss) (+ PTX), as this micro-batch's
@@ -65,7 +64,8 @@ class Actor(TrainedRole):
         # backward needs only its input and weight, and nothing reads them after this op. It saves a
         # [B, R, V] buffer. The fused path has no such buffer at all.
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
-                                              inplace_backward=True, fused=self.lm_head_path == FUSED)
+                                              inplace_backward=True, fused=self.lm_head_path == FUSED,
+                                              packed=self.cfg.train.packing)
         ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
                           mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm)
         loss = ppo.loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, norm)
