@@ -490,6 +490,26 @@ class Config:
         return self.train.seed if self.rollout.seed is None else self.rollout.seed
 
     @property
+    def uses_reference(self) -> bool:
+        """Whether a reference model runs at all: a KL term with weight (algo.kl_coef > 0) or an adaptive
+        coefficient (algo.kl_target). Without one there is no reference process, phase or placement."""
+        return self.algo.kl_coef > 0 or self.algo.kl_target is not None
+
+    @property
+    def on_policy(self) -> bool:
+        """One epoch and one mini-batch per rollout: the update's policy is the one that sampled."""
+        return self.train.ppo_epochs == 1 and self.train.mini_batch_size == self.train.samples_per_iteration
+
+    @property
+    def scores_old_logprobs(self) -> bool:
+        """Whether SCORE_ACTOR runs. On-policy, old log-probs equal the training forward's, so they are
+        taken from it (detached) unless something needs them before training: a KL in the reward
+        (shaped before the advantages) or the adaptive KL controller."""
+        kl_before_training = self.uses_reference and (self.algo.kl_in == KLPlacement.REWARD or
+                                                      self.algo.kl_target is not None)
+        return not self.on_policy or kl_before_training
+
+    @property
     def grad_accum_steps(self) -> int:
         return self.train.mini_batch_size // (self.train.micro_batch_size * self.placement.num_gpus)
 

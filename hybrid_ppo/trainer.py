@@ -62,7 +62,7 @@ class RoleGroups:
 
     actor: object
     critic: object | None
-    reference: object
+    reference: object | None
     rollout: object
     reward: object | None
 
@@ -85,10 +85,15 @@ class Rollout:
 class Scores:
     """What the scoring phases produce for a rollout (values only with a critic)."""
 
-    old_logprobs: torch.Tensor  # [B, R] the actor's, at the rollout temperature
-    ref_logprobs: torch.Tensor  # [B, R] the reference model's
     reward: torch.Tensor  # [B] the reward model's or the rule reward's score of each response
+    old_logprobs: torch.Tensor | None = None  # [B, R] the actor's, at the rollout temperature; None on-policy (no SCORE_ACTOR)
+    ref_logprobs: torch.Tensor | None = None  # [B, R] the reference model's; None without a reference (KL off)
     values: torch.Tensor | None = None  # [B, R] the critic's
+
+
+def has_kl(experience: Experience) -> bool:
+    """Whether the experience carries both log-probs the KL compares (not on-policy-skipped, not KL off)."""
+    return experience.old_logprobs is not None and experience.ref_logprobs is not None
 
 
 def sequence_kl(experience: Experience, estimator) -> float:
@@ -111,6 +116,11 @@ class PPOTrainer:
         self._sync_transport: str | None = None  # rollout.weight_sync_transport, resolved at the first sync
         self.kl = KLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.eval_is_accuracy = rule_reward is not None
+        if not cfg.uses_reference:
+            log.info("algo.kl_coef = 0 and no algo.kl_target: no reference model (no process, phase or placement)")
+        if not cfg.scores_old_logprobs:
+            log.info("on-policy (1 epoch, 1 mini-batch per rollout): SCORE_ACTOR skipped, the old log-probs are "
+                     "the training forward's, detached")
         """Whether eval/reward_mean is an accuracy: a rule reward that has only ever given 0 or 1."""
 
     # -- one PPO iteration ------------------------------------------------------------------
@@ -129,7 +139,8 @@ class PPOTrainer:
                 train_stats.update(self.train(phase, experience))
         with self.phase(Phase.SYNC):
             sync_stats = self.sync_weights()
-        self.kl.update(sequence_kl(experience, self.cfg.algo.kl_estimator), len(experience))
+        if has_kl(experience):
+            self.kl.update(sequence_kl(experience, self.cfg.algo.kl_estimator), len(experience))
         self.iteration += 1
         return {**self.rollout_metrics(rollout, scores), **experience_stats, **train_stats, **sync_stats,
                 **self._phase_times, **self.throughput(rollout, time.perf_counter() - start)}
@@ -178,8 +189,10 @@ class PPOTrainer:
         advantage role's ranks, each on its shard of whole groups. Returns the experience and its
         reward, KL (and critic) metrics."""
         algo, mask = self.cfg.algo, rollout.sequences.action_mask
-        kl = kl_penalty(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator)
-        rewards = token_rewards(scores.reward, kl if algo.kl_in == KLPlacement.REWARD else None, mask, self.kl.value)
+        kl = (None if scores.old_logprobs is None or scores.ref_logprobs is None
+              else kl_penalty(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator))
+        in_reward = kl is not None and algo.kl_in == KLPlacement.REWARD
+        rewards = token_rewards(scores.reward, kl if in_reward else None, mask, self.kl.value)
         group = self.roles.advantage
         batch = AdvantageBatch(rewards, mask.float(), scores.values)
         outs = group.call_each("advantages", [(shard,) for shard in batch.shard(group.world_size)])
@@ -193,14 +206,16 @@ class PPOTrainer:
             stats.update(critic_stats(scores.values, returns, mask))
         return experience, stats
 
-    def reward_stats(self, scores: torch.Tensor, experience: Experience, kl: torch.Tensor) -> dict[str, float]:
-        """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL."""
+    def reward_stats(self, scores: torch.Tensor, experience: Experience, kl: torch.Tensor | None) -> dict[str, float]:
+        """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL (when
+        both log-probs were scored before training)."""
         maskf = experience.sequences.action_mask.float()
-        return {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
-                "reward/shaped_mean": float(sequence_scores(experience.rewards, maskf).mean()),
-                "kl/mean": float(masked_mean(kl, maskf)),
-                "kl/sequence_mean": sequence_kl(experience, self.cfg.algo.kl_estimator),
-                "kl/coef": self.kl.value}
+        stats = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
+                 "reward/shaped_mean": float(sequence_scores(experience.rewards, maskf).mean()), "kl/coef": self.kl.value}
+        if kl is not None:
+            stats["kl/mean"] = float(masked_mean(kl, maskf))
+            stats["kl/sequence_mean"] = sequence_kl(experience, self.cfg.algo.kl_estimator)
+        return stats
 
     def train(self, phase: Phase, experience: Experience) -> dict[str, float]:
         role = TRAIN_ROLES[phase]
@@ -312,7 +327,7 @@ class PPOTrainer:
                  "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                  "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean()),
                  "rollout/tokens_per_s": float(mask.sum()) / rollout.generate_s}
-        if rollout.engine_logprobs is not None:
+        if rollout.engine_logprobs is not None and scores.old_logprobs is not None:
             stats["rollout/logprob_diff_max"] = logprob_diff_max(rollout.engine_logprobs, scores.old_logprobs, mask)
         return stats
 

@@ -66,7 +66,9 @@ class Actor(TrainedRole):
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
                                               inplace_backward=True, fused=self.lm_head_path == FUSED,
                                               packed=self.cfg.train.packing)
-        ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
+        # On-policy without SCORE_ACTOR (Config.scores_old_logprobs): pi_old is this forward's, detached.
+        old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs.to(self.device)
+        ppo = policy_loss(logprobs, old, micro.advantages.to(self.device),
                           mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm)
         loss = ppo.loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, norm)
         parts = {"loss/policy": ppo.loss.detach(), "actor/clip_frac": ppo.clip_frac,
@@ -74,7 +76,7 @@ class Actor(TrainedRole):
                  "actor/ratio_max": ppo.ratio_max, "actor/ratio_min": ppo.ratio_min}
         if algo.dual_clip is not None:
             parts["actor/pg_clipfrac_lower"] = ppo.clip_frac_lower
-        if algo.kl_in == KLPlacement.LOSS:
+        if algo.kl_in == KLPlacement.LOSS and micro.ref_logprobs is not None:  # None: no reference (KL off)
             kl = kl_loss(logprobs, micro.ref_logprobs.to(self.device), mask, KLEstimator(algo.kl_estimator),
                          algo.loss_agg, norm)
             loss = loss + (algo.kl_coef if kl_coef is None else kl_coef) * kl
