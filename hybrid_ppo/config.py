@@ -278,6 +278,10 @@ class TrainConfig(_Section):
     """Samples per optimizer step (global). rollout samples / mini_batch_size steps per epoch."""
     micro_batch_size: int = 16
     """Samples per forward/backward on one rank; the rest is gradient accumulation."""
+    packing: bool = False
+    """Padding-free micro-batches: every role's scoring and training passes run the real tokens of several sequences in one row (position_ids restart per sequence); refused at start for a model whose attention would cross them."""
+    max_tokens_per_micro_batch: int | None = None
+    """Real tokens per micro-batch on one rank (needs packing); sequences are binned under it, balanced over ranks. null: micro_batch_size sequences."""
     ppo_epochs: int = 2
     """Passes over each rollout batch."""
     actor_lr: float = 5e-4
@@ -323,6 +327,9 @@ class TrainConfig(_Section):
                        "micro_batch_size", "ppo_epochs", "actor_lr", "critic_lr", "max_grad_norm")
         self._require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         self._require(self.zero_stage in (2, 3), "zero_stage", "2 or 3")
+        if self.max_tokens_per_micro_batch is not None:
+            self._positive("max_tokens_per_micro_batch")
+            self._require(self.packing, "max_tokens_per_micro_batch", "null unless train.packing=true (a token budget bins packed rows)")
         self._require(self.samples_per_iteration % self.mini_batch_size == 0, "mini_batch_size",
                       f"a divisor of rollout_batch_size * samples_per_prompt = {self.samples_per_iteration}")
 
@@ -515,6 +522,15 @@ class Config:
         if self.data.eval_prompts is None and not self.data.prompts.startswith(BUILTIN_PREFIX):
             raise ConfigError("data.eval_prompts", None, "a prompt file or dataset path (required when data.prompts is not builtin)")
         self._check_algo()
+        self._check_token_budget()
+
+    def _check_token_budget(self) -> None:
+        """The longest sequence a rollout can make must fit one micro-batch: decided here, not by an OOM."""
+        budget, longest = self.train.max_tokens_per_micro_batch, self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if budget is not None and budget < longest:
+            raise ConfigError("train.max_tokens_per_micro_batch", budget,
+                              f">= the longest sequence a rollout can make: data.max_prompt_tokens + "
+                              f"rollout.max_new_tokens = {longest} tokens")
 
     def _check_algo(self) -> None:
         """Algorithm settings that depend on other sections."""
@@ -555,6 +571,26 @@ class Config:
     def rollout_seed(self) -> int:
         """Engine 0's sampling seed (engine e: + e)."""
         return self.train.seed if self.rollout.seed is None else self.rollout.seed
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference model runs at all: a KL term with weight (algo.kl_coef > 0) or an adaptive
+        coefficient (algo.kl_target). Without one there is no reference process, phase or placement."""
+        return self.algo.kl_coef > 0 or self.algo.kl_target is not None
+
+    @property
+    def on_policy(self) -> bool:
+        """One epoch and one mini-batch per rollout: the update's policy is the one that sampled."""
+        return self.train.ppo_epochs == 1 and self.train.mini_batch_size == self.train.samples_per_iteration
+
+    @property
+    def scores_old_logprobs(self) -> bool:
+        """Whether SCORE_ACTOR runs. On-policy, old log-probs equal the training forward's, so they are
+        taken from it (detached) unless something needs them before training: a KL in the reward
+        (shaped before the advantages), the adaptive KL controller, or TIS's weights (pi_old / pi_engine)."""
+        kl_before_training = self.uses_reference and (self.algo.kl_in == KLPlacement.REWARD or
+                                                      self.algo.kl_target is not None)
+        return not self.on_policy or kl_before_training or self.algo.tis_cap is not None
 
     @property
     def grad_accum_steps(self) -> int:

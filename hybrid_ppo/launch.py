@@ -149,7 +149,8 @@ def resolve_models(cfg: Config) -> dict[str, str | None]:
 def memory_plan(cfg: Config) -> dict[Phase, ResidentStates]:
     """The phase plan for the roles this config runs (`memory.offload=false`: keep everything)."""
     roles = [Role(r) for r in roles_for(cfg)]
-    return phase_plan(roles) if cfg.memory.offload else resident_everything(roles)
+    score_actor = cfg.scores_old_logprobs
+    return phase_plan(roles, score_actor) if cfg.memory.offload else resident_everything(roles, score_actor)
 
 
 def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[str, str | None],
@@ -173,7 +174,7 @@ def build_roles(executor, cfg: Config, scheduler: MemoryScheduler, paths: dict[s
         if metrics is not None:
             metrics.log_moves(0, moves)
         log.info("built %s (%d rank(s)) in %.1fs", role.value, groups[role].world_size, time.perf_counter() - start)
-    return RoleGroups(actor=groups[Role.ACTOR], critic=groups.get(Role.CRITIC), reference=groups[Role.REFERENCE],
+    return RoleGroups(actor=groups[Role.ACTOR], critic=groups.get(Role.CRITIC), reference=groups.get(Role.REFERENCE),
                       rollout=groups[Role.ROLLOUT], reward=groups.get(Role.REWARD))
 
 

@@ -114,8 +114,10 @@ def _fmt(x: float) -> str:
 
 def roles_for(cfg: Config) -> tuple[str, ...]:
     """Roles this config runs as ranks: `reward` only with a reward model, `critic` only for an
-    estimator that needs one (a critic-free run has no critic process and no critic memory)."""
-    runs = {"reward": cfg.model.reward_model is not None, "critic": cfg.algo.advantage_estimator.needs_critic}
+    estimator that needs one (a critic-free run has no critic process and no critic memory),
+    `reference` only with a KL term (`Config.uses_reference`)."""
+    runs = {"reward": cfg.model.reward_model is not None, "critic": cfg.algo.advantage_estimator.needs_critic,
+            "reference": cfg.uses_reference}
     return tuple(r for r in ROLES if runs.get(r, True))
 
 

@@ -23,8 +23,9 @@ import torch
 from hybrid_ppo.algo import dapo
 from hybrid_ppo.algo.advantages import token_rewards
 from hybrid_ppo.algo.estimators import AdvantageBatch, sequence_scores
-from hybrid_ppo.algo.experience import Experience, Sequences
+from hybrid_ppo.algo.experience import Experience, Sequences, equal_slices
 from hybrid_ppo.algo.kl_controller import KLController
+from hybrid_ppo.algo.packing import balanced_shards, real_lengths
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
 from hybrid_ppo.algo.tis import TISWeights, tis_metrics, tis_weights
 from hybrid_ppo.config import Config, ConfigError, KLPlacement
@@ -64,7 +65,7 @@ class RoleGroups:
 
     actor: object
     critic: object | None
-    reference: object
+    reference: object | None
     rollout: object
     reward: object | None
 
@@ -99,11 +100,16 @@ class Rollout:
 class Scores:
     """What the scoring phases produce for a rollout (values only with a critic)."""
 
-    old_logprobs: torch.Tensor  # [B, R] the actor's, at the rollout temperature
-    ref_logprobs: torch.Tensor  # [B, R] the reference model's
     reward: torch.Tensor  # [B] the reward model's or the rule rewards' (weighted) score of each response
+    old_logprobs: torch.Tensor | None = None  # [B, R] the actor's, at the rollout temperature; None on-policy (no SCORE_ACTOR)
+    ref_logprobs: torch.Tensor | None = None  # [B, R] the reference model's; None without a reference (KL off)
     values: torch.Tensor | None = None  # [B, R] the critic's
     reward_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> [B] each logged reward term
+
+
+def has_kl(experience: Experience) -> bool:
+    """Whether the experience carries both log-probs the KL compares (not on-policy-skipped, not KL off)."""
+    return experience.old_logprobs is not None and experience.ref_logprobs is not None
 
 
 def sequence_kl(experience: Experience, estimator) -> float:
@@ -126,6 +132,11 @@ class PPOTrainer:
         self._sync_transport: str | None = None  # rollout.weight_sync_transport, resolved at the first sync
         self.kl = KLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.eval_is_accuracy = rule_reward is not None
+        if not cfg.uses_reference:
+            log.info("algo.kl_coef = 0 and no algo.kl_target: no reference model (no process, phase or placement)")
+        if not cfg.scores_old_logprobs:
+            log.info("on-policy (1 epoch, 1 mini-batch per rollout): SCORE_ACTOR skipped, the old log-probs are "
+                     "the training forward's, detached")
         """Whether eval/reward_mean is an accuracy: a rule reward that has only ever given 0 or 1."""
 
     # -- one PPO iteration ------------------------------------------------------------------
@@ -144,7 +155,8 @@ class PPOTrainer:
                 train_stats.update(self.train(phase, experience))
         with self.phase(Phase.SYNC):
             sync_stats = self.sync_weights()
-        self.kl.update(sequence_kl(experience, self.cfg.algo.kl_estimator), len(experience))
+        if has_kl(experience):
+            self.kl.update(sequence_kl(experience, self.cfg.algo.kl_estimator), len(experience))
         self.iteration += 1
         return {**self.rollout_metrics(rollout, scores), **sampling_stats, **experience_stats, **train_stats,
                 **sync_stats, **self._phase_times, **self.throughput(rollout, time.perf_counter() - start)}
@@ -228,8 +240,10 @@ class PPOTrainer:
         advantage role's ranks, each on its shard of whole groups. Returns the experience and its
         reward, KL (and critic) metrics."""
         algo, mask = self.cfg.algo, rollout.sequences.action_mask
-        kl = kl_penalty(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator)
-        rewards = token_rewards(scores.reward, kl if algo.kl_in == KLPlacement.REWARD else None, mask, self.kl.value)
+        kl = (None if scores.old_logprobs is None or scores.ref_logprobs is None
+              else kl_penalty(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator))
+        in_reward = kl is not None and algo.kl_in == KLPlacement.REWARD
+        rewards = token_rewards(scores.reward, kl if in_reward else None, mask, self.kl.value)
         group = self.roles.advantage
         batch = AdvantageBatch(rewards, mask.float(), scores.values)
         outs = group.call_each("advantages", [(shard,) for shard in batch.shard(group.world_size)])
@@ -267,19 +281,21 @@ class PPOTrainer:
         mask = rollout.sequences.action_mask
         return ~(is_stop(rollout.sequences.responses, self.special.eos_ids) & (mask == 1)).any(-1)
 
-    def reward_stats(self, scores: torch.Tensor, experience: Experience, kl: torch.Tensor) -> dict[str, float]:
-        """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL."""
+    def reward_stats(self, scores: torch.Tensor, experience: Experience, kl: torch.Tensor | None) -> dict[str, float]:
+        """Rewards before (`reward/mean`) and after KL shaping (`reward/shaped_mean`), and the KL (when
+        both log-probs were scored before training)."""
         maskf = experience.sequences.action_mask.float()
-        return {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
-                "reward/shaped_mean": float(sequence_scores(experience.rewards, maskf).mean()),
-                "kl/mean": float(masked_mean(kl, maskf)),
-                "kl/sequence_mean": sequence_kl(experience, self.cfg.algo.kl_estimator),
-                "kl/coef": self.kl.value}
+        stats = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std(correction=0)),
+                 "reward/shaped_mean": float(sequence_scores(experience.rewards, maskf).mean()), "kl/coef": self.kl.value}
+        if kl is not None:
+            stats["kl/mean"] = float(masked_mean(kl, maskf))
+            stats["kl/sequence_mean"] = sequence_kl(experience, self.cfg.algo.kl_estimator)
+        return stats
 
     def train(self, phase: Phase, experience: Experience) -> dict[str, float]:
         role = TRAIN_ROLES[phase]
         group = getattr(self.roles, role)
-        shards = experience.shard(group.world_size)
+        shards = [experience.select(rows) for rows in self.shard_rows(experience.sequences, group.world_size)]
         extra = {"kl_coef": self.kl.value} if role == "actor" else {}
         return mean_over_ranks(group.call_each("train", [(shard, self.iteration) for shard in shards], **extra))
 
@@ -303,7 +319,18 @@ class PPOTrainer:
         return self.rule_reward([e.prompt for e in rollout.examples], rollout.responses, labels, metadata)
 
     def _sharded(self, group, method: str, seq: Sequences) -> torch.Tensor:
-        return torch.cat(group.call_each(method, [(shard,) for shard in seq.shard(group.world_size)]))
+        rows = self.shard_rows(seq, group.world_size)
+        outs = group.call_each(method, [(seq.select(r),) for r in rows])
+        result = outs[0].new_empty((len(seq), *outs[0].shape[1:]))
+        result[torch.cat(rows)] = torch.cat(outs)
+        return result
+
+    def shard_rows(self, seq: Sequences, num_shards: int) -> list[torch.Tensor]:
+        """Each rank's rows: contiguous equal shards, or under a token budget equal-size shards with
+        balanced real-token sums (algo/packing.py), so no rank waits on another's longer micro-batches."""
+        if self.cfg.train.max_tokens_per_micro_batch is None:
+            return [torch.arange(rows.start, rows.stop) for rows in equal_slices(len(seq), num_shards)]
+        return [torch.tensor(rows) for rows in balanced_shards(real_lengths(seq), num_shards)]
 
     # -- outside the iteration ----------------------------------------------------------------
     def evaluate(self, examples: list[Example]) -> dict[str, float]:
@@ -374,7 +401,7 @@ class PPOTrainer:
                  "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
                  "response/clip_ratio": float((lengths >= self.cfg.rollout.max_new_tokens).float().mean()),
                  "rollout/tokens_per_s": float(mask.sum()) / rollout.generate_s}
-        if rollout.engine_logprobs is not None:
+        if rollout.engine_logprobs is not None and scores.old_logprobs is not None:
             stats["rollout/logprob_diff_max"] = logprob_diff_max(rollout.engine_logprobs, scores.old_logprobs, mask)
         return stats
 

@@ -154,3 +154,26 @@ def test_gpu_peaks_compare_without_contexts(small_model):
                   if k not in ("cuda_context", "nccl")) / GIB
     peaks = _peak_comparison({"train_actor": 2 * planned, "startup": 1.0}, plan)  # startup is not a plan phase
     assert peaks == {"train_actor": {"measured": 2 * planned, "planned": planned, "error": pytest.approx(1.0)}}
+
+
+def test_token_budget_sizes_activations_and_logits_and_the_largest_budget(small_model):
+    budget = ["train.packing=true", "train.max_tokens_per_micro_batch=96", "model.gradient_checkpointing=false"]
+    plan = estimate(_cfg(small_model, "train.zero_stage=2", *budget))
+    terms = plan.phases["train_actor"].roles["actor"]
+    assert terms["activations"] == 2 * PER_LAYER * 96 * 2  # L x per-layer x the budget's tokens x 2 bytes
+    assert terms["logits"] == 96 * (1000 * 2 + 8)  # at most the budget's positions are response tokens
+    assert plan.phases["score_actor"].roles["actor"]["activations"] == 96 * (2 * 64 + 3 * 128) * 2
+    assert plan.max_micro_batch_size is None and plan.max_tokens_per_micro_batch == 16 * 48  # a rank's mini share, full length
+    assert "largest train.max_tokens_per_micro_batch that fits: 768" in plan.table()
+    # a GPU the size of the peak at a budget of 400: the bisection stops where one more token would not fit
+    at_400 = estimate(_cfg(small_model, "train.zero_stage=2", "train.packing=true", "model.gradient_checkpointing=false",
+                           "train.max_tokens_per_micro_batch=400"))
+    gib = at_400.peak_bytes / GIB
+
+    def fits(value: int) -> bool:
+        return estimate(_cfg(small_model, "train.zero_stage=2", "train.packing=true", "model.gradient_checkpointing=false",
+                             f"train.max_tokens_per_micro_batch={value}", f"placement.gpu_memory_gib={gib}")).fits
+
+    largest = estimate(_cfg(small_model, "train.zero_stage=2", *budget, f"placement.gpu_memory_gib={gib}")).max_tokens_per_micro_batch
+    assert largest is not None and largest >= 400 and fits(largest)
+    assert largest == 768 or not fits(largest + 1)

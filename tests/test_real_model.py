@@ -48,7 +48,7 @@ def test_grpo_with_the_math_reward_runs_on_the_real_checkpoint(smollm2, tmp_path
                    "rollout.max_new_tokens=16", "train.iterations=2", "train.rollout_batch_size=4",
                    "train.samples_per_prompt=2", "train.mini_batch_size=8", "train.micro_batch_size=4",
                    "train.ppo_epochs=1", "train.actor_lr=1e-5", "algo.advantage_estimator=grpo",
-                   "algo.kl_in=loss", "algo.kl_estimator=k3", "logging.tensorboard=false",
+                   "algo.kl_in=loss", "algo.kl_estimator=k3", "algo.tis_cap=2.0", "logging.tensorboard=false",
                    f"logging.output_dir={tmp_path}", "logging.run_name=smol")
     result = train(cfg)
 
@@ -57,8 +57,10 @@ def test_grpo_with_the_math_reward_runs_on_the_real_checkpoint(smollm2, tmp_path
     assert [line["iteration"] for line in iterations] == [1, 2]
     for line in iterations:
         assert 0.0 <= line["reward/mean"] <= 1.0 and math.isfinite(line["loss/policy"])
-        # The engine sampled with the weights the actor scores with: their log-probs agree.
+        # The engine sampled with the weights the actor scores with: their log-probs agree, and TIS
+        # (which keeps SCORE_ACTOR on in this on-policy run) weighs every token by about 1.
         assert line["rollout/logprob_diff_max"] < 1e-3
+        assert abs(line["tis/weight_mean"] - 1.0) < 1e-3 and line["tis/capped_fraction"] == 0.0
     sample = json.loads((result.run_dir / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|im_start|>system") and "\\boxed{}" in sample["prompt"]
     assert sample["label"].isdigit()

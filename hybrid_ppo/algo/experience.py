@@ -63,8 +63,8 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Experience:
     sequences: Sequences
-    old_logprobs: Tensor  # [B, R] log pi_old(a_t | s_t), at the rollout temperature
-    ref_logprobs: Tensor  # [B, R] log pi_ref(a_t | s_t)
+    old_logprobs: Tensor | None  # [B, R] log pi_old(a_t | s_t), at the rollout temperature; None: on-policy, taken from the training forward
+    ref_logprobs: Tensor | None  # [B, R] log pi_ref(a_t | s_t); None without a reference (KL off)
     rewards: Tensor  # [B, R] per-token reward (sequence reward at the last token, KL penalty if in reward)
     advantages: Tensor  # [B, R] the estimator's advantages (algo/estimators.py), 0 on padding
     values: Tensor | None = None  # [B, R] V_old(s_t): critic value of the state before action t; None without a critic

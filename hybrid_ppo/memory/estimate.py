@@ -70,6 +70,7 @@ class Setting:
     zero_stage: int
     w: int  # parameter bytes
     micro: int
+    token_budget: int | None  # train.max_tokens_per_micro_batch: a micro-batch's real tokens (packed), or None
     prompt: int  # P
     response: int  # R
     checkpointing: bool
@@ -87,7 +88,8 @@ class Setting:
         local = cfg.placement.executor == ExecutorKind.LOCAL
         ranks = 1 if local else cfg.placement.num_gpus
         return cls(ranks=ranks, processes_per_gpu=1 if local else len(list(roles)), zero_stage=cfg.train.zero_stage,
-                   w=dtype_bytes(cfg.model.dtype), micro=cfg.train.micro_batch_size, prompt=cfg.data.max_prompt_tokens,
+                   w=dtype_bytes(cfg.model.dtype), micro=cfg.train.micro_batch_size,
+                   token_budget=cfg.train.max_tokens_per_micro_batch, prompt=cfg.data.max_prompt_tokens,
                    response=cfg.rollout.max_new_tokens, checkpointing=cfg.model.gradient_checkpointing,
                    engine=cfg.rollout.engine, tp=cfg.rollout.tensor_parallel_size,
                    gpu_bytes=int(cfg.placement.gpu_memory_gib * GIB), utilization=cfg.rollout.gpu_memory_utilization,
@@ -98,6 +100,18 @@ class Setting:
     @property
     def tokens(self) -> int:
         return self.prompt + self.response
+
+    @property
+    def micro_tokens(self) -> int:
+        """Token positions of one micro-batch: the token budget (packed rows hold real tokens only), or
+        micro rows of the padded P + R."""
+        return self.token_budget if self.token_budget is not None else self.micro * self.tokens
+
+    @property
+    def micro_response_tokens(self) -> int:
+        """Response positions of one micro-batch (the LM head's rows): under a budget at most the budget
+        less one prompt token per sequence, bounded here by the budget itself."""
+        return self.token_budget if self.token_budget is not None else self.micro * self.response
 
 
 # -- resident states, per rank -----------------------------------------------------------------------
@@ -136,7 +150,7 @@ def layer_activation_elems(m: ModelShape) -> int:
 
 
 def train_activation_bytes(m: ModelShape, s: Setting) -> int:
-    tokens = s.micro * s.tokens
+    tokens = s.micro_tokens
     if s.checkpointing:
         # full recomputation: each layer's input (b T h) is kept, plus one layer's activations while it recomputes
         return (m.layers * m.hidden + layer_activation_elems(m)) * tokens * s.w
@@ -145,13 +159,13 @@ def train_activation_bytes(m: ModelShape, s: Setting) -> int:
 
 def forward_activation_bytes(m: ModelShape, s: Setting) -> int:
     """No grad: only a layer's input, output and its MLP intermediates are alive at once: b T (2h + 3I)."""
-    return s.micro * s.tokens * (2 * m.hidden + 3 * m.intermediate) * s.w
+    return s.micro_tokens * (2 * m.hidden + 3 * m.intermediate) * s.w
 
 
 def logits_bytes(m: ModelShape, s: Setting) -> int:
     """Response-only logits [b, R, V] in w bytes (roles/forward.py computes no prompt logits); the log-prob
     kernel reads them once and writes the gradient in place, plus [b, R] fp32 log-probs and entropy."""
-    return s.micro * s.response * (m.vocab * s.w + 2 * 4)
+    return s.micro_response_tokens * (m.vocab * s.w + 2 * 4)
 
 
 def zero3_gather_bytes(m: ModelShape, s: Setting) -> int:
@@ -239,6 +253,7 @@ class MemoryPlan:
     phases: dict[str, PhaseEstimate] = field(default_factory=dict)
     max_gpu_memory_utilization: float | None = None
     max_micro_batch_size: int | None = None
+    max_tokens_per_micro_batch: int | None = None  # with a token budget set: the largest that fits
 
     @property
     def peak_phase(self) -> str:
@@ -276,6 +291,7 @@ class MemoryPlan:
             "host_peak_phase": self.host_peak_phase, "host_peak_gib": self.phases[self.host_peak_phase].host_total / GIB,
             "max_gpu_memory_utilization": self.max_gpu_memory_utilization,
             "max_micro_batch_size": self.max_micro_batch_size,
+            "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch,
             "ranks_per_role": self.setting.ranks,
             "states_bytes_per_rank": self.states,
             "phases": {p: {"gpu_total_gib": e.gpu_total / GIB, "host_total_gib": e.host_total / GIB,
@@ -305,7 +321,10 @@ class MemoryPlan:
         util = self.max_gpu_memory_utilization
         lines.append(f"largest rollout.gpu_memory_utilization that fits: "
                      f"{'n/a (HF engine)' if util is None and self.setting.engine == EngineKind.HF else util}")
-        lines.append(f"largest train.micro_batch_size that fits: {self.max_micro_batch_size}")
+        if self.setting.token_budget is not None:
+            lines.append(f"largest train.max_tokens_per_micro_batch that fits: {self.max_tokens_per_micro_batch}")
+        else:
+            lines.append(f"largest train.micro_batch_size that fits: {self.max_micro_batch_size}")
         return "\n".join(lines)
 
 
@@ -316,10 +335,14 @@ def estimate(cfg: Config, roles: Iterable[str] | None = None) -> MemoryPlan:
     present = [Role(r) for r in (roles if roles is not None else make_plan(cfg).roles)]
     specs = role_model_specs(cfg)
     shapes = {role: model_shape(specs[role], ROLE_MODEL_KIND[role]) for role in present}
-    plan = phase_plan(present) if cfg.memory.offload else resident_everything(present)  # the run's phases only
+    score_actor = cfg.scores_old_logprobs
+    plan = phase_plan(present, score_actor) if cfg.memory.offload else resident_everything(present, score_actor)
     setting = Setting.of(cfg, present)
     result = _estimate(plan, shapes, setting, int(cfg.placement.host_memory_gib * GIB))
-    result.max_micro_batch_size = _largest_micro_batch(cfg, plan, shapes, setting, result.host_bytes)
+    if setting.token_budget is not None:
+        result.max_tokens_per_micro_batch = _largest_token_budget(cfg, plan, shapes, setting, result.host_bytes)
+    else:
+        result.max_micro_batch_size = _largest_micro_batch(cfg, plan, shapes, setting, result.host_bytes)
     if setting.engine == EngineKind.VLLM:
         result.max_gpu_memory_utilization = _largest_utilization(plan, shapes, setting, result.host_bytes)
     return result
@@ -376,6 +399,20 @@ def _largest_micro_batch(cfg: Config, plan, shapes, s: Setting, host_bytes: int)
         if _estimate(plan, shapes, replace(s, micro=micro), host_bytes).fits:
             return micro
     return None
+
+
+def _largest_token_budget(cfg: Config, plan, shapes, s: Setting, host_bytes: int) -> int | None:
+    """The largest token budget that fits, from the longest sequence a rollout makes (the least the
+    config accepts) up to a whole rank's share of a mini-batch at full length; memory grows with the
+    budget, so a bisection finds it. None: not even the longest sequence fits."""
+    fits = lambda budget: _estimate(plan, shapes, replace(s, token_budget=budget), host_bytes).fits  # noqa: E731
+    low, high = s.tokens, max(s.tokens, cfg.train.mini_batch_size // cfg.placement.num_gpus * s.tokens)
+    if not fits(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
 
 
 def _largest_utilization(plan, shapes, s: Setting, host_bytes: int) -> float | None:

@@ -97,19 +97,26 @@ PHASE_PLAN: dict[Phase, ResidentStates] = {
 
 
 PHASE_ROLE: dict[Phase, Role] = {
+    Phase.SCORE_REFERENCE: Role.REFERENCE,
     Phase.SCORE_CRITIC: Role.CRITIC,
     Phase.TRAIN_CRITIC: Role.CRITIC,
     Phase.CHECKPOINT_CRITIC: Role.CRITIC,
 }
 """Phases that exist only for one role: a plan without that role has no such phase."""
 
+OPTIONAL_PHASES = (Phase.SCORE_ACTOR,)
+"""Phases a plan may drop although its role runs: an on-policy update takes its old log-probs from
+the training forward (`Config.scores_old_logprobs`)."""
 
-def phase_plan(roles: Iterable[Role]) -> dict[Phase, ResidentStates]:
+
+def phase_plan(roles: Iterable[Role], score_actor: bool = True) -> dict[Phase, ResidentStates]:
     """PHASE_PLAN for the roles a config runs: phases of absent roles dropped, and absent roles
-    dropped from the phases that remain. Phase order is iteration order."""
+    dropped from the phases that remain; no SCORE_ACTOR unless `score_actor`. Phase order is
+    iteration order."""
     present = set(roles)
     return {phase: {role: states for role, states in residency.items() if role in present}
-            for phase, residency in PHASE_PLAN.items() if phase not in PHASE_ROLE or PHASE_ROLE[phase] in present}
+            for phase, residency in PHASE_PLAN.items()
+            if (phase not in PHASE_ROLE or PHASE_ROLE[phase] in present) and (score_actor or phase != Phase.SCORE_ACTOR)}
 
 
 def resident(plan: Mapping[Phase, ResidentStates], phase: Phase, role: Role) -> frozenset[State]:
@@ -117,17 +124,18 @@ def resident(plan: Mapping[Phase, ResidentStates], phase: Phase, role: Role) -> 
     return plan[phase].get(role, frozenset())
 
 
-def resident_everything(roles: Iterable[Role] = tuple(Role)) -> dict[Phase, ResidentStates]:
+def resident_everything(roles: Iterable[Role] = tuple(Role), score_actor: bool = True) -> dict[Phase, ResidentStates]:
     """The no-offload plan for `roles` (default: all): every role keeps every state in every phase."""
     roles = tuple(roles)
-    return {phase: {role: ROLE_STATES[role] for role in roles} for phase in phase_plan(roles)}
+    return {phase: {role: ROLE_STATES[role] for role in roles} for phase in phase_plan(roles, score_actor)}
 
 
 def validate_plan(plan: Mapping[Phase, ResidentStates]) -> None:
     """Refuse a plan that skips a phase its roles need, or asks a role for a state it does not have.
     A phase of `PHASE_ROLE` may be absent only when the plan never names its role."""
     named = {role for residency in plan.values() for role in residency}
-    missing = [p.value for p in Phase if p not in plan and (p not in PHASE_ROLE or PHASE_ROLE[p] in named)]
+    missing = [p.value for p in Phase if p not in plan and p not in OPTIONAL_PHASES
+               and (p not in PHASE_ROLE or PHASE_ROLE[p] in named)]
     if missing:
         raise ValueError(f"memory plan has no entry for phase(s): {', '.join(missing)}")
     for phase, residency in plan.items():

@@ -50,10 +50,9 @@ class Actor(TrainedRole):
     def logprobs(self, seq: Sequences) -> Tensor:
         """[B, R] log pi_old of the sampled responses (SCORE_ACTOR)."""
         self.engine.eval()
-        out = [response_logprobs(self.engine, to_device(c, self.device), self.cfg.rollout.temperature,
-                                 fused=self.lm_head_path == FUSED).cpu()
-               for c in seq.chunks(self.cfg.train.micro_batch_size)]
-        return torch.cat(out)
+        return self.in_micro_batches(lambda c: response_logprobs(
+            self.engine, to_device(c, self.device), self.cfg.rollout.temperature, fused=self.lm_head_path == FUSED,
+            packed=self.cfg.train.packing).cpu(), seq)
 
     def loss(self, micro: Experience, norm: LossNorm, kl_coef: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss − entropy bonus (+ KL in the loss) (+ PTX), as this micro-batch's
@@ -65,9 +64,12 @@ class Actor(TrainedRole):
         # backward needs only its input and weight, and nothing reads them after this op. It saves a
         # [B, R, V] buffer. The fused path has no such buffer at all.
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
-                                              inplace_backward=True, fused=self.lm_head_path == FUSED)
+                                              inplace_backward=True, fused=self.lm_head_path == FUSED,
+                                              packed=self.cfg.train.packing)
+        # On-policy without SCORE_ACTOR (Config.scores_old_logprobs): pi_old is this forward's, detached.
+        old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs.to(self.device)
         tis = None if micro.tis_weights is None else micro.tis_weights.to(self.device)
-        ppo = policy_loss(logprobs, micro.old_logprobs.to(self.device), micro.advantages.to(self.device),
+        ppo = policy_loss(logprobs, old, micro.advantages.to(self.device),
                           mask, algo.clip_eps, algo.clip_eps_high, algo.dual_clip, algo.loss_agg, norm, tis)
         loss = ppo.loss - algo.entropy_coef * aggregate(entropy, mask, algo.loss_agg, norm)
         parts = {"loss/policy": ppo.loss.detach(), "actor/clip_frac": ppo.clip_frac,
@@ -75,7 +77,7 @@ class Actor(TrainedRole):
                  "actor/ratio_max": ppo.ratio_max, "actor/ratio_min": ppo.ratio_min}
         if algo.dual_clip is not None:
             parts["actor/pg_clipfrac_lower"] = ppo.clip_frac_lower
-        if algo.kl_in == KLPlacement.LOSS:
+        if algo.kl_in == KLPlacement.LOSS and micro.ref_logprobs is not None:  # None: no reference (KL off)
             kl = kl_loss(logprobs, micro.ref_logprobs.to(self.device), mask, KLEstimator(algo.kl_estimator),
                          algo.loss_agg, norm)
             loss = loss + (algo.kl_coef if kl_coef is None else kl_coef) * kl

@@ -1,4 +1,5 @@
-"""How a role's model runs on a batch of sequences: the response positions' logits or log-probs."""
+"""How a role's model runs on a batch of sequences: the response positions' logits or log-probs,
+on the padded `[B, P+R]` rectangle or packed (algo/packing.py: real tokens only, one row)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
+from hybrid_ppo.algo.packing import PackedBatch, equal_bins, pack, real_lengths, token_bins
+from hybrid_ppo.config import ConfigError
 
 
 def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
@@ -20,13 +23,39 @@ def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
     return out.logits
 
 
+def packed_response_logits(model: nn.Module, packed: PackedBatch) -> Tensor:
+    """[N, V] logits at the packed positions that predict the N real response tokens. No attention
+    mask and no cache: that is when transformers reads the restarting position_ids as sequence
+    boundaries (a cache, even an empty one, switches the detection off)."""
+    out = model(input_ids=packed.tokens, position_ids=packed.position_ids, use_cache=False,
+                logits_to_keep=packed.predict_index)
+    return out.logits[0]
+
+
+def packed_hidden(body: nn.Module, packed: PackedBatch) -> Tensor:
+    """[T, H] a transformer body's final hidden states over a packed row (see packed_response_logits)."""
+    return body(input_ids=packed.tokens, position_ids=packed.position_ids, use_cache=False).last_hidden_state[0]
+
+
 def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,
-                      inplace_backward: bool = False, fused: bool = False):
+                      inplace_backward: bool = False, fused: bool = False, packed: bool = False):
     """log pi(a_t | s_t) at the rollout temperature for every response token, through the one
     door to the kernels (which scale by the temperature without a [B, R, V] copy). `fused`: no
-    [B, R, V] logits at all (roles/lm_head.py, whose `lm_head_path` says when that is possible)."""
+    [B, R, V] logits at all (roles/lm_head.py, whose `lm_head_path` says when that is possible).
+    `packed`: the sequences' real tokens in one row; the result is in the same [B, R] layout
+    (0 on padding)."""
     from hybrid_ppo import ops
 
+    if packed:
+        batch = pack(seq)
+        if fused:
+            from hybrid_ppo.roles.lm_head import fused_packed_logprobs
+
+            out = fused_packed_logprobs(model, batch, temperature, with_entropy)
+        else:
+            out = ops.logprobs(packed_response_logits(model, batch), batch.targets, temperature=temperature,
+                               with_entropy=with_entropy, inplace_backward=inplace_backward)
+        return type(out)(*(batch.unpack(t) for t in out)) if with_entropy else batch.unpack(out)
     if fused:
         from hybrid_ppo.roles.lm_head import fused_response_logprobs
 
@@ -38,3 +67,56 @@ def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with
 
 def to_device(seq: Sequences, device: torch.device) -> Sequences:
     return Sequences(seq.tokens.to(device), seq.attention_mask.to(device), seq.action_mask.to(device))
+
+
+def model_body(model: nn.Module) -> nn.Module:
+    """The transformer body of a role's model: a causal LM's or classifier's base model, the value
+    model's backbone, or the model itself when it is a body."""
+    if hasattr(model, "backbone"):
+        return model.backbone
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+PROBE_LENGTHS = (5, 7)
+"""The two sequences `check_packing` packs into one row."""
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module, role: str) -> None:
+    """Refuse train.packing for a model and attention implementation whose attention crosses the
+    sequences of a packed row: one row of two sequences must give each the hidden states it gets
+    alone. Run once at start (collective under ZeRO-3, like any forward)."""
+    body = model_body(model)
+    param = next(body.parameters())
+    vocab = int(getattr(body.config, "vocab_size", 100))
+    ids = [torch.arange(n, device=param.device) * 7 % min(vocab, 97) + 1 for n in PROBE_LENGTHS]
+    alone = [body(input_ids=t[None], position_ids=torch.arange(len(t), device=param.device)[None],
+                  use_cache=False).last_hidden_state[0] for t in ids]
+    row = torch.cat(ids)[None]
+    positions = torch.cat([torch.arange(n, device=param.device) for n in PROBE_LENGTHS])[None]
+    together = body(input_ids=row, position_ids=positions, use_cache=False).last_hidden_state[0]
+    want = torch.cat(alone)
+    tolerance = (1e-3 if want.dtype == torch.float32 else 5e-2) * float(want.abs().max().clamp(min=1.0))
+    if float((together - want).abs().max()) > tolerance:
+        attn = getattr(body.config, "_attn_implementation", None)
+        raise ConfigError("train.packing", True,
+                          f"false for the {role}: {type(model).__name__} with attn_implementation={attn!r} lets "
+                          "attention cross the sequences of a packed row in this transformers version")
+
+
+def in_micro_batches(fn, seq: Sequences, micro_batch_size: int, budget: int | None = None,
+                     max_over_ranks=None) -> Tensor:
+    """`fn` (a scoring forward: Sequences -> [b, ...]) over micro-batches of `seq`, results in `seq`'s
+    row order. Micro-batches of `micro_batch_size` rows, or, under a token `budget`, bins of at most
+    that many real tokens (algo/packing.py), the same count on every rank when `max_over_ranks` is
+    given (a ZeRO-3 role's forwards are collectives)."""
+    if budget is None:
+        return torch.cat([fn(c) for c in seq.chunks(micro_batch_size)])
+    lengths = real_lengths(seq)
+    bins = (equal_bins([lengths], budget, max_over_ranks)[0] if max_over_ranks is not None
+            else token_bins(lengths, budget))
+    index = [torch.tensor(b) for b in bins]
+    outs = [fn(seq.select(i)) for i in index]
+    result = outs[0].new_empty((len(seq), *outs[0].shape[1:]))
+    result[torch.cat(index)] = torch.cat(outs)
+    return result

@@ -9,6 +9,7 @@ from torch import nn
 from hybrid_ppo.config import Config
 from hybrid_ppo.memory.residency import ModuleResidency
 from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
+from hybrid_ppo.roles.forward import check_packing
 
 
 class FrozenRole(ResidentRole):
@@ -21,3 +22,5 @@ class FrozenRole(ResidentRole):
         self.model = load().to(self.device).eval()
         self.model.requires_grad_(False)
         self.residency = ModuleResidency(self.model, self.device)
+        if cfg.train.packing:
+            check_packing(self.model, type(self).__name__.lower())

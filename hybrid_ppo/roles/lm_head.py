@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
+from hybrid_ppo.algo.packing import PackedBatch
 
 log = logging.getLogger(__name__)
 
@@ -62,4 +63,17 @@ def fused_response_logprobs(model: Any, seq: Sequences, temperature: float, with
     hf = getattr(model, "module", model)
     head = hf.get_output_embeddings()
     return ops.linear_logprobs(response_hidden(hf, seq), head.weight, seq.responses, temperature=temperature,
+                               with_entropy=with_entropy, bias=head.bias)
+
+
+def fused_packed_logprobs(model: Any, packed: PackedBatch, temperature: float, with_entropy: bool = False):
+    """`fused_response_logprobs` on a packed row (algo/packing.py): [N] for the N real response tokens,
+    the hidden states taken at the packed positions that predict them."""
+    from hybrid_ppo import ops
+    from hybrid_ppo.roles.forward import packed_hidden
+
+    hf = getattr(model, "module", model)
+    head = hf.get_output_embeddings()
+    hidden = packed_hidden(hf.get_decoder(), packed)[packed.predict_index]  # [N, H]
+    return ops.linear_logprobs(hidden, head.weight, packed.targets, temperature=temperature,
                                with_entropy=with_entropy, bias=head.bias)

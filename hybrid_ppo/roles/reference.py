@@ -8,7 +8,7 @@ from torch import Tensor
 from hybrid_ppo.algo.experience import Sequences
 from hybrid_ppo.config import Config
 from hybrid_ppo.role_process import torch_dtype
-from hybrid_ppo.roles.forward import response_logprobs, to_device
+from hybrid_ppo.roles.forward import in_micro_batches, response_logprobs, to_device
 from hybrid_ppo.roles.frozen import FrozenRole
 from hybrid_ppo.roles.lm_head import FUSED, lm_head_path
 from hybrid_ppo.roles.models import load_causal_lm
@@ -22,6 +22,7 @@ class Reference(FrozenRole):
     @torch.no_grad()
     def logprobs(self, seq: Sequences) -> Tensor:
         """[B, R] log pi_ref of the sampled responses, at the rollout temperature like pi_old."""
-        return torch.cat([response_logprobs(self.model, to_device(c, self.device), self.cfg.rollout.temperature,
-                                            fused=self.lm_head_path == FUSED).cpu()
-                          for c in seq.chunks(self.cfg.train.micro_batch_size)])
+        train = self.cfg.train
+        return in_micro_batches(lambda c: response_logprobs(
+            self.model, to_device(c, self.device), self.cfg.rollout.temperature, fused=self.lm_head_path == FUSED,
+            packed=train.packing).cpu(), seq, train.micro_batch_size, train.max_tokens_per_micro_batch)

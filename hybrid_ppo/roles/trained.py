@@ -14,6 +14,7 @@ from hybrid_ppo.algo.advantages import Advantages
 from hybrid_ppo.algo.estimators import AdvantageBatch, estimate
 from hybrid_ppo.algo.experience import Experience
 from hybrid_ppo.algo.loss_norm import mini_batch_norms
+from hybrid_ppo.algo.packing import equal_bins, real_lengths
 from hybrid_ppo.algo.ppo import LossNorm
 from hybrid_ppo.config import Config
 from hybrid_ppo.errors import Diverged
@@ -21,6 +22,7 @@ from hybrid_ppo.memory.residency import DeepSpeedResidency
 from hybrid_ppo.metrics import combine
 from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.deepspeed_engine import build_engine
+from hybrid_ppo.roles.forward import check_packing, in_micro_batches
 from hybrid_ppo.seeding import derived_seed
 
 CHECKPOINT_TAG = "state"
@@ -43,6 +45,8 @@ class TrainedRole(ResidentRole):
         torch.manual_seed(cfg.train.seed + dist.rank)
         self.engine = build_engine(cfg, dist.world_size, lr, load)
         self.residency = DeepSpeedResidency(self.engine)
+        if cfg.train.packing:
+            check_packing(self.engine.module, self.name)
         self.skipped_in_a_row = 0  # optimizer steps skipped for a non-finite loss since the last real one
         self.poisoned = False  # a micro-batch of the optimizer step being accumulated had a non-finite loss
 
@@ -65,8 +69,11 @@ class TrainedRole(ResidentRole):
         epochs_run, skipped = 0, 0
         for _ in range(self.cfg.train.ppo_epochs):
             epoch_stats: dict[str, list[float]] = defaultdict(list)
-            micros = list(experience.micro_batches(self.cfg.train.micro_batch_size, order))
-            for micro, norm in zip(micros, self.loss_norms(micros)):
+            micros, sizes = self.epoch_micro_batches(experience, order)
+            last = None if sizes is None else {sum(sizes[:j + 1]) - 1 for j in range(len(sizes))}
+            for k, (micro, norm) in enumerate(zip(micros, self.loss_norms(micros, sizes))):
+                if last is not None:  # a token budget: micro-batches per optimizer step vary, so we say which is last
+                    self.engine.set_gradient_accumulation_boundary(k in last)
                 loss, parts = self.loss(micro, norm, **loss_args)
                 finite, applied = self.step_unless_any_rank_nonfinite(loss, iteration)
                 skipped += applied is False
@@ -84,10 +91,40 @@ class TrainedRole(ResidentRole):
         summary[f"{self.name}/lr"] = float(self.engine.get_lr()[0])
         return summary
 
-    def loss_norms(self, micros: list[Experience]) -> list[LossNorm]:
+    def epoch_micro_batches(self, experience: Experience, order: torch.Generator) -> tuple[list[Experience], list[int] | None]:
+        """One shuffled pass over this rank's shard in micro-batches, and how many micro-batches each
+        mini-batch has (None: the engine's fixed accumulation). Under a token budget a mini-batch (the
+        same rows as with fixed micro-batches: this rank's mini_batch_size / world_size of the
+        shuffled order) is binned into micro-batches of at most that many real tokens, the same count
+        on every rank (algo/packing.py)."""
+        train = self.cfg.train
+        if train.max_tokens_per_micro_batch is None:
+            return list(experience.micro_batches(train.micro_batch_size, order)), None
+        perm = torch.randperm(len(experience), generator=order)  # the draw micro_batches makes
+        share = train.mini_batch_size // self.world_size
+        minis = [perm[start:start + share] for start in range(0, len(experience), share)]
+        lengths = real_lengths(experience.sequences)
+        bins = equal_bins([[lengths[i] for i in m.tolist()] for m in minis], train.max_tokens_per_micro_batch,
+                          self.max_over_ranks)
+        micros = [experience.select(m[torch.tensor(b)]) for m, mini_bins in zip(minis, bins) for b in mini_bins]
+        return micros, [len(b) for b in bins]
+
+    def loss_norms(self, micros: list[Experience], sizes: list[int] | None = None) -> list[LossNorm]:
         """Each micro-batch's mini-batch divisors, summed over ranks (see algo/loss_norm.py)."""
         return mini_batch_norms([m.sequences.action_mask for m in micros], self.engine.gradient_accumulation_steps(),
-                                self.world_size, float(self.cfg.rollout.max_new_tokens), self.all_reduce_sum)
+                                self.world_size, float(self.cfg.rollout.max_new_tokens), self.all_reduce_sum, sizes)
+
+    def in_micro_batches(self, fn, seq) -> Tensor:
+        """A scoring forward over `seq` in micro-batches (roles/forward.py), the same count on every rank."""
+        train = self.cfg.train
+        return in_micro_batches(fn, seq, train.micro_batch_size, train.max_tokens_per_micro_batch, self.max_over_ranks)
+
+    def max_over_ranks(self, counts: list[int]) -> list[int]:
+        """Element-wise maximum over this role's ranks (a sync point)."""
+        tensor = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return tensor.tolist()
 
     @torch.no_grad()
     def advantages(self, batch: AdvantageBatch) -> Advantages:
