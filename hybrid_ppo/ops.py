@@ -25,8 +25,17 @@ from hybrid_ppo_kernels.logprobs import logprobs_torch, logprobs_triton
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "Backend", "GAEOutput", "LogProbsWithEntropy", "gae", "linear_logprobs", "logprobs",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "GAEOutput", "LOGIT_TRANSFORMS", "LogProbsWithEntropy", "gae", "linear_logprobs",
+           "logit_transforms", "logprobs", "resolve_backend"]
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""HF config attributes of heads whose logits are not just `h @ W.T + b` (Gemma 2, Cohere, Granite)."""
+
+
+def logit_transforms(config: object) -> list[str]:
+    """``attr=value`` for each logit transform an HF model config sets: what `linear_logprobs` cannot
+    apply, so such a head must materialize its logits (empty: the fused op can replace the head)."""
+    return [f"{a}={getattr(config, a)}" for a in LOGIT_TRANSFORMS if getattr(config, a, None) is not None]
 
 
 class LogProbsWithEntropy(NamedTuple):

@@ -218,6 +218,19 @@ def default_chunk_size(vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
     return max(1, budget_bytes // (4 * vocab))
 
 
+def fused_working_bytes(n: int, vocab: int, hidden: int, weight_bytes: int, train: bool,
+                        chunk_size: Optional[int] = None) -> int:
+    """Peak extra bytes of one Triton pass (CUDA) over ``n`` rows, what the memory planner charges:
+    forward writes 3 fp32 per row (``lp``, ``entropy``, ``lse``) and holds no tile outside the kernel;
+    backward adds one ``[chunk, V]`` gradient buffer (the head's dtype, see ``grad_logits_dtype``), the
+    fp32 ``grad_W`` accumulator ``[V, H]`` and its cast to the head's dtype, and a chunk's fp32 ``grad_h``."""
+    rows = 3 * 4 * n
+    if not train or n == 0:
+        return rows
+    chunk = min(n, chunk_size or default_chunk_size(vocab))
+    return rows + chunk * vocab * min(weight_bytes, 4) + vocab * hidden * (4 + weight_bytes) + chunk * hidden * 4
+
+
 def _weight_slabs(weight: Tensor) -> Iterator[tuple[slice, Tensor]]:
     """``(rows, W[rows] in fp32)`` covering the head: the whole head uncopied when it is fp32, else slabs
     of ``WEIGHT_SLAB_BYTES`` cast one at a time (an fp32 copy of a 151,936 x 896 head is 544 MB)."""
