@@ -172,12 +172,12 @@ def head_terms(m: ModelShape, s: Setting, train: bool) -> dict[str, int]:
 
 def lm_head_description(m: ModelShape, s: Setting) -> str:
     """One line for `hybrid-ppo plan`: which LM-head path a model takes, and its size."""
-    from hybrid_ppo_kernels.linear_logprobs import default_chunk_size
+    from hybrid_ppo_kernels.linear_logprobs import CUDA_CHUNK_BYTES, default_chunk_size
 
     rows = s.micro * s.response
     if m.fused_head:
         return (f"fused (no [b, R, V] logits): {rows} response rows, backward in chunks of "
-                f"{min(rows, default_chunk_size(m.vocab))} x V={m.vocab}")
+                f"{min(rows, default_chunk_size(m.vocab, CUDA_CHUNK_BYTES))} x V={m.vocab}")
     return f"materialized [b, R, V] = [{s.micro}, {s.response}, {m.vocab}] logits: {', '.join(m.logit_transforms)}"
 
 

@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # bound at first launch by LazyJit; triton is never imported 
 
 CHUNK_BYTES = 64 << 20
 """Default budget for one chunk's fp32 logits (``chunk * V * 4`` bytes); a few such buffers live at once."""
+CUDA_CHUNK_BYTES = 512 << 20
+"""The Triton path's budget on CUDA: bigger chunks, because each chunk's ``grad_W += g_z^T h`` reads and
+writes the whole fp32 ``[V, H]`` accumulator (at V=151,936, H=896: 149 chunks of 64 MiB at N=16k would
+move ~240 GB; 18 chunks of 512 MiB ~30 GB). Not yet tuned on a GPU."""
 WEIGHT_SLAB_BYTES = 32 << 20
 """Budget for the fp32 copy of a slab of a 16-bit head's rows, cast just before its matmul."""
 
@@ -227,7 +231,7 @@ def fused_working_bytes(n: int, vocab: int, hidden: int, weight_bytes: int, trai
     rows = 3 * 4 * n
     if not train or n == 0:
         return rows
-    chunk = min(n, chunk_size or default_chunk_size(vocab))
+    chunk = min(n, chunk_size or default_chunk_size(vocab, CUDA_CHUNK_BYTES))
     return rows + chunk * vocab * min(weight_bytes, 4) + vocab * hidden * (4 + weight_bytes) + chunk * hidden * 4
 
 
@@ -432,8 +436,10 @@ def linear_logprobs_triton(
     blocks: Optional[tuple[int, int, int]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Triton path: fp32 ``(logprobs [N], entropy [N])`` of ``hidden [N, H]`` under ``weight [V, H]``
-    (+ ``bias [V]``); backward holds one ``[chunk_size, V]`` gradient buffer."""
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    (+ ``bias [V]``); backward holds one ``[chunk_size, V]`` gradient buffer (default: ``CUDA_CHUNK_BYTES``
+    of fp32 on CUDA, ``CHUNK_BYTES`` under the interpreter)."""
+    budget = CUDA_CHUNK_BYTES if hidden.device.type == "cuda" else CHUNK_BYTES
+    chunk = chunk_size or default_chunk_size(weight.shape[0], budget)
     return LinearLogProbsTritonFunction.apply(hidden, weight, bias, labels, float(temperature), int(chunk), blocks)
 
 
