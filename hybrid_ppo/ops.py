@@ -19,14 +19,23 @@ from torch import Tensor
 
 from hybrid_ppo_kernels._utils import HAS_TRITON
 from hybrid_ppo_kernels.gae import gae_torch, gae_triton
-from hybrid_ppo_kernels.linear_logprobs import linear_logprobs_chunked
+from hybrid_ppo_kernels.linear_logprobs import linear_logprobs_chunked, linear_logprobs_triton
 from hybrid_ppo_kernels.logprobs import logprobs_torch, logprobs_triton
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "Backend", "GAEOutput", "LogProbsWithEntropy", "gae", "linear_logprobs", "logprobs",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "GAEOutput", "LOGIT_TRANSFORMS", "LogProbsWithEntropy", "gae", "linear_logprobs",
+           "logit_transforms", "logprobs", "resolve_backend"]
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""HF config attributes of heads whose logits are not just `h @ W.T + b` (Gemma 2, Cohere, Granite)."""
+
+
+def logit_transforms(config: object) -> list[str]:
+    """``attr=value`` for each logit transform an HF model config sets: what `linear_logprobs` cannot
+    apply, so such a head must materialize its logits (empty: the fused op can replace the head)."""
+    return [f"{a}={getattr(config, a)}" for a in LOGIT_TRANSFORMS if getattr(config, a, None) is not None]
 
 
 class LogProbsWithEntropy(NamedTuple):
@@ -140,8 +149,8 @@ def linear_logprobs(
     many as fit 64 MiB of fp32 logits), and backward recomputes each chunk's logits, so the extra memory
     is bounded by a chunk whatever the number of tokens (see ``hybrid_ppo_kernels.linear_logprobs``).
 
-    There is no Triton kernel for this op yet: ``"auto"`` (on every device) and ``"torch"`` use the
-    chunked PyTorch path; ``"triton"`` is refused.
+    ``"auto"`` runs the Triton kernels on CUDA and the chunked PyTorch path elsewhere; ``"triton"``
+    forces the kernels (on CPU only under ``TRITON_INTERPRET=1``), ``"torch"`` the chunked path.
 
     Args:
         hidden: ``[..., H]`` float, the final hidden states (after the model's last norm).
@@ -166,11 +175,9 @@ def linear_logprobs(
         raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if resolve_backend(backend, hidden.device) == "triton" and backend != "auto":
-        raise ValueError("linear_logprobs has no Triton kernel yet; use backend='auto' or 'torch'")
 
-    lp, entropy = linear_logprobs_chunked(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                          temperature, bias, chunk_size)
+    fn = linear_logprobs_triton if resolve_backend(backend, hidden.device) == "triton" else linear_logprobs_chunked
+    lp, entropy = fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature, bias, chunk_size)
     lp, entropy = lp.view(labels.shape), entropy.view(labels.shape)
     return LogProbsWithEntropy(lp, entropy) if with_entropy else lp
 

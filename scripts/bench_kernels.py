@@ -7,6 +7,11 @@ On a CUDA machine (``python scripts/bench_kernels.py [--out bench_kernels.json]`
   kernel, of the fp32 fallback ``torch.log_softmax(logits.float(), -1).gather(...)``, and of that
   fallback under ``torch.compile``. Reports time, achieved GB/s, the fraction of the device's peak
   memory bandwidth, and the peak extra memory (``torch.cuda.max_memory_allocated`` delta).
+* the fused LM head (``ops.linear_logprobs``) vs materialized logits (``hidden @ W.T`` then
+  ``ops.logprobs``), bf16, N in {1k, 4k, 16k} response rows, H=896, V=151,936 (Qwen2.5-0.5B's head):
+  forward and forward+backward time, peak extra memory, and achieved matmul TFLOP/s (model FLOPs: 2NVH
+  forward, 6NVH forward+backward, the same for both, so the rate compares the work) with its fraction
+  of the device's dense bf16 matmul peak.
 * GAE, B in {64, 256}, T in {1k, 4k}: the serial-loop kernel, the opt-in scan kernel, the Python-loop
   reference and the chunked torch version, with speed-up ratios and a correctness check.
 * Prints a table with the goals beside it and writes everything to JSON.
@@ -33,7 +38,13 @@ GOALS = {
     "fwd_peak_bw_fraction": 0.80,  # Triton forward at N=16k, V=152k, bf16
     "fwdbwd_speedup_vs_fp32": 1.5,  # Triton fwd+bwd vs the fp32 fallback, every shape
     "gae_speedup_vs_loop": 50.0,  # Triton GAE vs the Python loop at B=256, T=4k
+    "fused_vs_materialized_speed": 1 / 1.2,  # materialized ms / fused ms, fwd+bwd, N=16k: fused within 1.2x
+    "fused_fwd_matmul_fraction": 0.60,  # fused forward at N=16k, of the dense bf16 matmul peak
 }
+FUSED_NS, FUSED_H, FUSED_V = [1024, 4096, 16_384], 896, 151_936
+# Dense (no sparsity) bf16 tensor-core peak by device name (FLOP/s), vendor datasheets.
+BF16_MATMUL_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
+                    "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 LOGPROB_SHAPES = [(4096, 32_000), (4096, 151_936), (16_384, 32_000), (16_384, 151_936)]
 GAE_SHAPES = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]
 GAMMA, LAM = 1.0, 0.95
@@ -191,6 +202,54 @@ def bench_logprobs_shape(n: int, v: int, peak_bw: float | None) -> list[dict[str
 
 
 # ---------------------------------------------------------------------------------------------------
+# Fused LM head
+# ---------------------------------------------------------------------------------------------------
+def bf16_matmul_peak(device_name: str) -> float | None:
+    return next((v for k, v in BF16_MATMUL_PEAK.items() if k in device_name), None)
+
+
+def bench_fused_head(n: int, matmul_peak: float | None) -> list[dict[str, Any]]:
+    """Fused vs materialized LM head + log-probs + entropy over ``n`` bf16 rows."""
+    from hybrid_ppo import ops
+
+    h, v = FUSED_H, FUSED_V
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weight = (torch.randn(v, h, device="cuda", generator=gen) * h**-0.5).bfloat16().requires_grad_(True)
+    hidden = torch.randn(n, h, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    impls = {  # in-place backward is safe: the matmul's backward needs hidden and W, not its output
+        "materialized": lambda: ops.logprobs(hidden @ weight.T, labels, temperature=0.7, with_entropy=True,
+                                             inplace_backward=True),
+        "fused": lambda: ops.linear_logprobs(hidden, weight, labels, temperature=0.7, with_entropy=True),
+    }
+    rows = []
+    for impl, fwd in impls.items():
+        for mode, flops in (("fwd", 2 * n * v * h), ("fwd+bwd", 6 * n * v * h)):
+            row: dict[str, Any] = {"op": "linear_logprobs", "impl": impl, "mode": mode, "N": n, "H": h, "V": v,
+                                   "dtype": "bf16"}
+
+            def call(fwd=fwd, mode=mode) -> Any:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        return fwd()
+                out = fwd()
+                return torch.autograd.grad(out.logprobs.sum() + 0.01 * out.entropy.sum(), [hidden, weight])
+
+            try:
+                call()  # warm-up (and the kernels' compile)
+                row["peak_extra_MiB"] = _peak_extra_bytes(call) / 2**20
+                ms = _do_bench(call)
+                row["ms"] = ms
+                row["TFLOP/s"] = flops / (ms * 1e-3) / 1e12
+                row["matmul_peak_fraction"] = flops / (ms * 1e-3) / matmul_peak if matmul_peak else None
+            except Exception as e:  # OOM: record it, keep going
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
 # GAE
 # ---------------------------------------------------------------------------------------------------
 def bench_gae_shape(b: int, t: int) -> list[dict[str, Any]]:
@@ -253,6 +312,14 @@ def goals_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         vals = [x * 2**20 / 16_384 for x in per_row.values() if x is not None]
         out.append({"goal": f"peak extra memory O(N), {mode}: bytes/row at V=32k vs 152k", "value": vals,
                     "target": "flat in V"})
+    fused = find(op="linear_logprobs", impl="fused", mode="fwd+bwd", N=16_384)
+    mat = find(op="linear_logprobs", impl="materialized", mode="fwd+bwd", N=16_384)
+    out.append({"goal": "fused fwd+bwd within 1.2x materialized (N=16k): materialized ms / fused ms",
+                "value": mat["ms"] / fused["ms"] if fused.get("ms") and mat.get("ms") else None,
+                "target": GOALS["fused_vs_materialized_speed"]})
+    out.append({"goal": "fused fwd >= 60% of bf16 matmul peak (N=16k)",
+                "value": find(op="linear_logprobs", impl="fused", mode="fwd", N=16_384).get("matmul_peak_fraction"),
+                "target": GOALS["fused_fwd_matmul_fraction"]})
     gae = find(op="gae", impl="triton loop", B=256, T=4096)
     out.append({"goal": "GAE >= 50x Python loop (B=256, T=4k)", "value": gae.get("speedup_vs_python_loop"),
                 "target": GOALS["gae_speedup_vs_loop"]})
@@ -292,6 +359,10 @@ def run_gpu(out_path: str) -> int:
     for n, v in LOGPROB_SHAPES:
         print(f"log-probs N={n} V={v} ...", flush=True)
         rows += bench_logprobs_shape(n, v, peak_bw)
+    matmul_peak = bf16_matmul_peak(device)
+    for n in FUSED_NS:
+        print(f"fused LM head N={n} H={FUSED_H} V={FUSED_V} ...", flush=True)
+        rows += bench_fused_head(n, matmul_peak)
     for b, t in GAE_SHAPES:
         print(f"GAE B={b} T={t} ...", flush=True)
         rows += bench_gae_shape(b, t)
@@ -299,6 +370,9 @@ def run_gpu(out_path: str) -> int:
 
     lp_cols = ["impl", "mode", "N", "V", "ms", "GB/s", "peak_bw_fraction", "peak_extra_MiB", "max_abs_err_vs_fp32", "error"]
     print_table("log-probs (bf16 logits)", lp_cols, [r for r in rows if r["op"] == "logprobs"])
+    head_cols = ["impl", "mode", "N", "ms", "TFLOP/s", "matmul_peak_fraction", "peak_extra_MiB", "error"]
+    print_table(f"LM head + log-probs (bf16, H={FUSED_H}, V={FUSED_V})", head_cols,
+                [r for r in rows if r["op"] == "linear_logprobs"])
     gae_cols = ["impl", "B", "T", "ms", "speedup_vs_python_loop", "max_abs_err_vs_loop", "error"]
     print_table("GAE (fp32)", gae_cols, [r for r in rows if r["op"] == "gae"])
     print_table("goals", ["goal", "value", "target", "met"], goals)
@@ -307,6 +381,8 @@ def run_gpu(out_path: str) -> int:
         "device": device,
         "peak_bw_bytes_per_s": peak_bw,
         "peak_bw_source": bw_source,
+        "bf16_matmul_peak_flops": matmul_peak,
+        "flops_model": "linear_logprobs: fwd 2*N*V*H, fwd+bwd 6*N*V*H (model FLOPs, not the recompute)",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "bytes_model": "fwd: N*V*elt read; fwd+bwd: 3*N*V*elt (read, read, write)",
@@ -359,6 +435,21 @@ def run_smoke() -> int:
         check(f"logprobs + entropy forward, {dtype}", outs[0], outs[1], atol=1e-5, rtol=1e-5)
         grad_tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=1.6e-2)
         check(f"logprobs + entropy backward (in place), {dtype}", grads[0], grads[1], **grad_tol)
+    for dtype in (torch.float32, torch.bfloat16):  # the fused LM head: the launchers' own tiles, ragged
+        hidden = torch.randn(70, 80, generator=gen).to(device, dtype)
+        weight = (torch.randn(1003, 80, generator=gen) * 0.1).to(device, dtype)
+        labels = torch.randint(0, 1003, (70,), generator=gen).to(device)
+        results = []
+        for backend in ("triton", "torch"):
+            h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            out = ops.linear_logprobs(h, w, labels, temperature=0.8, with_entropy=True, backend=backend)
+            results.append((out.logprobs.detach(), out.entropy.detach(),
+                            *torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), [h, w])))
+        check(f"fused LM-head forward, {dtype}", results[0][:2], results[1][:2], atol=1e-5, rtol=1e-5)
+        grad_tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=1.6e-2)
+        if device == "cuda" and dtype == torch.bfloat16:  # the bf16 [chunk, V] gradient buffer: one more rounding
+            grad_tol = dict(atol=1e-2, rtol=1.6e-2)
+        check(f"fused LM-head backward, {dtype}", results[0][2:], results[1][2:], **grad_tol)
     ref = logprobs_torch(x.float(), y)[0]
     check("fp32 fallback formula", ref, fallback_logprobs(x.float(), y), atol=1e-5, rtol=1e-5)
 

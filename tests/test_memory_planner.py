@@ -54,11 +54,34 @@ def test_zero2_states_and_activations_by_hand(small_model):
     assert actor["train_state"] == {"hp_params": PSI // 2 * 4, "optim_states": PSI // 2 * 8}  # 1/2 each
     terms = plan.phases["train_actor"].roles["actor"]
     assert terms["activations"] == 2 * PER_LAYER * TOKENS * 2  # L x per-layer x tokens x 2 bytes = 737,280
-    assert terms["logits"] == 4 * 16 * (1000 * 2 + 8)  # response positions only: 128,512
+    # The fused LM head over the 4 x 16 = 64 response rows: 3 fp32 per row (768), one [64, V] bf16 gradient
+    # chunk (128,000), the fp32 grad_W accumulator + its bf16 cast 1000 x 64 x 6 (384,000), a chunk's fp32
+    # grad_h 64 x 64 x 4 (16,384): 529,152. No [b, R, V] logits term.
+    assert terms["fused_lm_head"] == 768 + 128_000 + 384_000 + 16_384 and "logits" not in terms
     assert terms["lp_grads"] == PSI // 2 * 2 and terms["reduce_bucket"] == PSI * 2  # the bucket is capped at the model
     assert "zero3_gather" not in terms
-    expected = PSI * 2 + PSI // 2 * 12 + 737_280 + 128_512 + PSI + PSI * 2 + (512 << 20) + (256 << 20)
+    expected = PSI * 2 + PSI // 2 * 12 + 737_280 + 529_152 + PSI + PSI * 2 + (512 << 20) + (256 << 20)
     assert sum(terms.values()) == expected
+
+
+def test_lm_head_path_by_model(small_model, tmp_path, capsys):
+    """A head with a logit soft-cap materializes its [b, R, V] logits (as roles/lm_head.py refuses it
+    the fused op); any other takes the fused path under ZeRO-3 too, and `hybrid-ppo plan` says which."""
+    capped = tmp_path / "capped"
+    capped.mkdir()
+    (capped / "config.json").write_text(json.dumps({**SMALL, "final_logit_softcapping": 30.0}))
+    plan = estimate(_cfg(str(capped), "train.zero_stage=3"))
+    assert plan.phases["train_actor"].roles["actor"]["logits"] == 4 * 16 * (1000 * 2 + 8)  # response rows only
+    assert "fused_lm_head" not in plan.phases["train_actor"].roles["actor"]
+    assert "materialized" in plan.lm_head["actor"] and "final_logit_softcapping=30.0" in plan.lm_head["actor"]
+    fused = estimate(_cfg(small_model, "train.zero_stage=3"))
+    assert fused.phases["score_actor"].roles["actor"]["fused_lm_head"] == 3 * 4 * 64  # forward: 3 fp32 per row
+    assert fused.lm_head["actor"].startswith("fused") and fused.as_dict()["lm_head"] == fused.lm_head
+    assert main(["plan", f"model.actor={capped}", "placement.num_gpus=2"]) == 0
+    out = capsys.readouterr().out
+    assert "LM head (actor): materialized [b, R, V]" in out and "final_logit_softcapping=30.0" in out
+    assert main(["plan", f"model.actor={small_model}", "placement.num_gpus=2"]) == 0
+    assert "LM head (actor): fused (no [b, R, V] logits)" in capsys.readouterr().out
 
 
 def test_zero3_states_and_checkpointed_activations_by_hand(small_model):

@@ -164,8 +164,35 @@ def forward_activation_bytes(m: ModelShape, s: Setting) -> int:
 
 def logits_bytes(m: ModelShape, s: Setting) -> int:
     """Response-only logits [b, R, V] in w bytes (roles/forward.py computes no prompt logits); the log-prob
-    kernel reads them once and writes the gradient in place, plus [b, R] fp32 log-probs and entropy."""
+    kernel reads them once and writes the gradient in place, plus [b, R] fp32 log-probs and entropy.
+    The materialized LM-head path only: heads with a logit transform (`ModelShape.fused_head`)."""
     return s.micro_response_tokens * (m.vocab * s.w + 2 * 4)
+
+
+def fused_head_bytes(m: ModelShape, s: Setting, train: bool) -> int:
+    """The fused LM-head op over the b R response rows: its tiles never leave the kernel, so the terms
+    are the kernel's chunk buffer and fp32 grad_W (hybrid_ppo_kernels.linear_logprobs.fused_working_bytes)."""
+    from hybrid_ppo_kernels.linear_logprobs import fused_working_bytes
+
+    return fused_working_bytes(s.micro_response_tokens, m.vocab, m.hidden, s.w, train)
+
+
+def head_terms(m: ModelShape, s: Setting, train: bool) -> dict[str, int]:
+    """The LM head's working set, under the key of the path the roles take for this model."""
+    if m.fused_head:
+        return {"fused_lm_head": fused_head_bytes(m, s, train)}
+    return {"logits": logits_bytes(m, s)}
+
+
+def lm_head_description(m: ModelShape, s: Setting) -> str:
+    """One line for `hybrid-ppo plan`: which LM-head path a model takes, and its size."""
+    from hybrid_ppo_kernels.linear_logprobs import CUDA_CHUNK_BYTES, default_chunk_size
+
+    rows = s.micro_response_tokens
+    if m.fused_head:
+        return (f"fused (no [b, R, V] logits): {rows} response rows, backward in chunks of "
+                f"{min(rows, default_chunk_size(m.vocab, CUDA_CHUNK_BYTES))} x V={m.vocab}")
+    return f"materialized [b, R, V] = [{s.micro}, {s.response}, {m.vocab}] logits: {', '.join(m.logit_transforms)}"
 
 
 def zero3_gather_bytes(m: ModelShape, s: Setting) -> int:
@@ -193,7 +220,7 @@ def working_bytes(phase: Phase, role: Role, m: ModelShape, s: Setting,
     if phase.value == f"train_{role.value}":
         terms["activations"] = train_activation_bytes(m, s)
         if role in HAS_LOGITS:
-            terms["logits"] = logits_bytes(m, s)
+            terms.update(head_terms(m, s, train=True))
         if s.zero_stage < 3:
             terms["lp_grads"] = math.ceil(m.params / s.ranks) * s.w  # Ψw/N reduced grad partition (ZeRO-2)
             terms["reduce_bucket"] = min(ZERO_REDUCE_BUCKET, m.params) * s.w  # contiguous-gradients bucket (ZeRO-2)
@@ -201,7 +228,7 @@ def working_bytes(phase: Phase, role: Role, m: ModelShape, s: Setting,
     elif phase.value == f"score_{role.value}":
         terms["activations"] = forward_activation_bytes(m, s)
         if role in HAS_LOGITS:
-            terms["logits"] = logits_bytes(m, s)
+            terms.update(head_terms(m, s, train=False))
         if role in TRAINED:
             terms["zero3_gather"] = zero3_gather_bytes(m, s)
     elif role == Role.ROLLOUT and State.KV_CACHE in plan_phase.get(role, frozenset()):
@@ -254,6 +281,7 @@ class MemoryPlan:
     max_gpu_memory_utilization: float | None = None
     max_micro_batch_size: int | None = None
     max_tokens_per_micro_batch: int | None = None  # with a token budget set: the largest that fits
+    lm_head: dict[str, str] = field(default_factory=dict)  # role -> its LM-head path (lm_head_description)
 
     @property
     def peak_phase(self) -> str:
@@ -293,6 +321,7 @@ class MemoryPlan:
             "max_micro_batch_size": self.max_micro_batch_size,
             "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch,
             "ranks_per_role": self.setting.ranks,
+            "lm_head": self.lm_head,
             "states_bytes_per_rank": self.states,
             "phases": {p: {"gpu_total_gib": e.gpu_total / GIB, "host_total_gib": e.host_total / GIB,
                            "roles_gib": {r: to_gib(t) for r, t in e.roles.items()}, "host_pinned_gib": to_gib(e.host),
@@ -317,6 +346,7 @@ class MemoryPlan:
         lines.append(f"host at its peak ({self.host_peak_phase}), all {self.setting.ranks} rank(s): pinned "
                      + ", ".join(f"{r} {b / GIB:.1f}" for r, b in host.host.items() if b)
                      + f"; pageable (role processes) {host.host_pageable / GIB:.1f}")
+        lines.extend(f"LM head ({role}): {path}" for role, path in self.lm_head.items())
         lines.append(self.verdict())
         util = self.max_gpu_memory_utilization
         lines.append(f"largest rollout.gpu_memory_utilization that fits: "
@@ -339,6 +369,7 @@ def estimate(cfg: Config, roles: Iterable[str] | None = None) -> MemoryPlan:
     plan = phase_plan(present, score_actor) if cfg.memory.offload else resident_everything(present, score_actor)
     setting = Setting.of(cfg, present)
     result = _estimate(plan, shapes, setting, int(cfg.placement.host_memory_gib * GIB))
+    result.lm_head = {role.value: lm_head_description(shapes[role], setting) for role in present if role in HAS_LOGITS}
     if setting.token_budget is not None:
         result.max_tokens_per_micro_batch = _largest_token_budget(cfg, plan, shapes, setting, result.host_bytes)
     else:

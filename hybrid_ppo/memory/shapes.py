@@ -36,6 +36,12 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    logit_transforms: tuple[str, ...] = ()  # `attr=value` the head applies after its matmul (ops.logit_transforms)
+
+    @property
+    def fused_head(self) -> bool:
+        """Whether the roles take the fused LM-head path (roles/lm_head.py: lm_head_path) for this model."""
+        return not self.logit_transforms
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -67,6 +73,8 @@ def model_shape(spec: str, kind: ModelKind) -> ModelShape:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from hybrid_ppo.ops import logit_transforms
+
     config = model_config(spec)
     with torch.device("meta"):
         if kind == ModelKind.CAUSAL_LM:
@@ -94,4 +102,5 @@ def model_shape(spec: str, kind: ModelKind) -> ModelShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         intermediate=config.intermediate_size,
         vocab=config.vocab_size,
+        logit_transforms=tuple(logit_transforms(config)),
     )

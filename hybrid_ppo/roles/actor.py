@@ -32,7 +32,7 @@ class Actor(TrainedRole):
         self._bundle = dist.bundles[0] if dist.bundles else None  # names its GPU on CPU (weight_sync.device_key)
         super().__init__(cfg, dist, cfg.train.actor_lr, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
         self.ptx = self._ptx_batches() if cfg.algo.ptx_coef > 0 else None
-        self.lm_head_path = lm_head_path(self.engine.module, self.engine.zero_optimization_stage(), self.name)
+        self.lm_head_path = lm_head_path(self.engine.module, self.name)
 
     def _ptx_batches(self) -> PTXBatches:
         from transformers import AutoTokenizer

@@ -23,13 +23,14 @@ def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
     return out.logits
 
 
-def packed_response_logits(model: nn.Module, packed: PackedBatch) -> Tensor:
-    """[N, V] logits at the packed positions that predict the N real response tokens. No attention
-    mask and no cache: that is when transformers reads the restarting position_ids as sequence
-    boundaries (a cache, even an empty one, switches the detection off)."""
+def packed_response_logits(model: nn.Module, packed: PackedBatch, keep_batch_dim: bool = False):
+    """[N, V] logits at the packed positions that predict the N real response tokens ([1, N, V], or
+    whatever lm_head returned, with `keep_batch_dim`). No attention mask and no cache: that is when
+    transformers reads the restarting position_ids as sequence boundaries (a cache, even an empty
+    one, switches the detection off)."""
     out = model(input_ids=packed.tokens, position_ids=packed.position_ids, use_cache=False,
                 logits_to_keep=packed.predict_index)
-    return out.logits[0]
+    return out.logits if keep_batch_dim else out.logits[0]
 
 
 def packed_hidden(body: nn.Module, packed: PackedBatch) -> Tensor:

@@ -17,7 +17,7 @@ from hybrid_ppo.roles.models import load_causal_lm
 class Reference(FrozenRole):
     def __init__(self, cfg: Config, dist, model_path: str):
         super().__init__(cfg, dist, lambda: load_causal_lm(model_path, torch_dtype(cfg.model.dtype)))
-        self.lm_head_path = lm_head_path(self.model, zero_stage=0, role="reference")  # a plain module, unsharded
+        self.lm_head_path = lm_head_path(self.model, role="reference")
 
     @torch.no_grad()
     def logprobs(self, seq: Sequences) -> Tensor:

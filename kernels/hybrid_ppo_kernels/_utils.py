@@ -43,16 +43,26 @@ def require_triton(device: Any) -> None:
 
 
 class DeviceFn:
-    """A ``@triton.jit`` helper called from inside kernels (e.g. a scan's combine function).
+    """A ``@triton.jit`` helper called from inside kernels (a scan's combine function, a tile helper
+    that two kernels share).
 
-    Becomes a plain ``JITFunction`` when a kernel of the same module first launches: compiled kernels
-    need one, and the interpreter calls its ``.fn`` directly, so one object serves both modes.
+    Jitted when a kernel of the same module launches, once per mode: ``triton.jit`` gives a
+    ``JITFunction`` for compiled kernels and an ``InterpretedFunction`` under the interpreter (the only
+    kind that a kernel can call there; both expose ``.fn``, which the interpreter's scans call).
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
+        self._jitted: dict[bool, Any] = {}
+
+    def jitted(self, mode: bool) -> Any:
+        if mode not in self._jitted:
+            import triton
+
+            self._jitted[mode] = triton.jit(self.fn)
+        return self._jitted[mode]
 
 
 def device_fn(fn: Callable[..., Any]) -> DeviceFn:
@@ -77,14 +87,14 @@ class LazyJit:
         if mode not in self._jitted:
             import triton
             import triton.language
-            from triton.runtime.jit import JITFunction
 
-            namespace = self.fn.__globals__  # the kernel module's globals
-            namespace["tl"] = triton.language
-            for name, value in list(namespace.items()):
-                if isinstance(value, DeviceFn):
-                    namespace[name] = JITFunction(value.fn)
+            self.fn.__globals__["tl"] = triton.language
             self._jitted[mode] = triton.jit(self.fn)
+        # The module's helpers, bound for this mode (a name bound in the other mode would not run here).
+        namespace = self.fn.__globals__  # the kernel module's globals
+        helpers = namespace.setdefault("_device_fns_", {n: v for n, v in namespace.items() if isinstance(v, DeviceFn)})
+        for name, helper in helpers.items():
+            namespace[name] = helper.jitted(mode)
         return self._jitted[mode]
 
     def __getitem__(self, grid: Any) -> Any:

@@ -19,3 +19,21 @@ def test_bench_smoke_check_passes(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "smoke check passed" in out.stdout
     assert "  ok    GAE loop kernel" in out.stdout
+    assert "  ok    fused LM-head backward, torch.bfloat16" in out.stdout
+
+
+def test_linear_logprobs_bench_runs_and_marks_computed_rows(tmp_path):
+    """The CPU LM-head benchmark at a tiny N: the fused case runs and is measured; a materialized case
+    over --budget-gib is not run and its row says so (the estimate, marked as computed)."""
+    import json
+
+    script = SCRIPT.parent / "bench_linear_logprobs.py"
+    out_json = tmp_path / "ll.json"
+    out = subprocess.run([sys.executable, str(script), "--n", "8", "--hidden", "64", "--vocab", "4000",
+                          "--budget-gib", "0.0001", "--out", str(out_json)],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["path"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert rows["fused"]["run"] and rows["fused"]["seconds"] > 0 and rows["fused"]["peak_extra_bytes"] > 0
+    assert not rows["materialized"]["run"] and rows["materialized"]["peak_extra_bytes"] == 6 * 8 * 4000 * 4
+    assert "(computed)" in out.stdout
