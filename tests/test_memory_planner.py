@@ -184,7 +184,9 @@ def test_token_budget_sizes_activations_and_logits_and_the_largest_budget(small_
     plan = estimate(_cfg(small_model, "train.zero_stage=2", *budget))
     terms = plan.phases["train_actor"].roles["actor"]
     assert terms["activations"] == 2 * PER_LAYER * 96 * 2  # L x per-layer x the budget's tokens x 2 bytes
-    assert terms["logits"] == 96 * (1000 * 2 + 8)  # at most the budget's positions are response tokens
+    # The fused LM head over at most the budget's 96 positions as response rows: 3 fp32 per row, one
+    # [96, V] bf16 gradient chunk, fp32 grad_W + its bf16 cast (1000 x 64 x 6), a chunk's fp32 grad_h.
+    assert terms["fused_lm_head"] == 96 * 12 + 96 * 1000 * 2 + 1000 * 64 * 6 + 96 * 64 * 4 and "logits" not in terms
     assert plan.phases["score_actor"].roles["actor"]["activations"] == 96 * (2 * 64 + 3 * 128) * 2
     assert plan.max_micro_batch_size is None and plan.max_tokens_per_micro_batch == 16 * 48  # a rank's mini share, full length
     assert "largest train.max_tokens_per_micro_batch that fits: 768" in plan.table()
