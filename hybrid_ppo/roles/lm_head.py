@@ -1,5 +1,5 @@
-"""Log-probs of the response tokens without their [B, R, V] logits: the model's body gives the final
-hidden states, and `ops.linear_logprobs` fuses the LM head with the log-prob (and entropy) op.
+"""Log-probs of the response tokens without their [B, R, V] logits: lm_head, for one forward, hands
+its input hidden states to `ops.linear_logprobs`, the LM head fused with the log-prob (and entropy) op.
 
 Which path a role takes is decided once, at start (`lm_head_path`), and logged:
 
@@ -30,7 +30,6 @@ from hybrid_ppo.algo.packing import PackedBatch
 log = logging.getLogger(__name__)
 
 FUSED, MATERIALIZED = "fused", "materialized"
-
 
 
 def lm_head_path(model: nn.Module, role: str) -> str:
