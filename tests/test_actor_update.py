@@ -12,7 +12,9 @@ import json
 import pytest
 import torch
 
-from hybrid_ppo.algo.experience import Experience, Sequences
+from helpers import ragged_sequences
+
+from hybrid_ppo.algo.experience import Experience
 from hybrid_ppo.config import LRSchedule, load_config
 from hybrid_ppo.executor import LOCALHOST, DistInfo, free_port
 from hybrid_ppo.roles.deepspeed_engine import lr_factor
@@ -32,12 +34,8 @@ def _actor(tiny_model_dir: str, overrides: list[str]):
 def _experience(seed: int = 0) -> Experience:
     """8 responses of 1 to 4 tokens (so micro-batches of 2 hold unequal token counts)."""
     gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(4, 14, (8, 3), generator=gen)
-    response = torch.randint(4, 14, (8, 4), generator=gen)
-    lengths = torch.tensor([1, 4, 2, 4, 1, 3, 4, 2])
-    action = (torch.arange(4)[None, :] < lengths[:, None]).long()
-    tokens = torch.cat([prompt, torch.where(action.bool(), response, 0)], 1)
-    seq = Sequences(tokens, torch.cat([torch.ones_like(prompt), action], 1), action)
+    seq = ragged_sequences(gen)
+    action = seq.action_mask
     old = -torch.rand(8, 4, generator=gen) * action
     adv = torch.randn(8, 4, generator=gen) * action
     return Experience.build(seq, old_logprobs=old, ref_logprobs=old, rewards=torch.zeros(8, 4), advantages=adv)

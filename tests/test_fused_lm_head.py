@@ -12,6 +12,8 @@ import tempfile
 import pytest
 import torch
 
+from helpers import ragged_sequences
+
 from hybrid_ppo.algo.experience import Experience, Sequences
 from hybrid_ppo.roles.forward import response_logprobs
 from hybrid_ppo.roles.lm_head import FUSED, MATERIALIZED, lm_head_path
@@ -116,12 +118,8 @@ def _force_materialized(instance) -> str:
 
 def _experience() -> Experience:
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(4, 14, (8, 3), generator=gen)
-    response = torch.randint(4, 14, (8, 4), generator=gen)
-    lengths = torch.tensor([1, 4, 2, 4, 1, 3, 4, 2])
-    action = (torch.arange(4)[None, :] < lengths[:, None]).long()
-    tokens = torch.cat([prompt, torch.where(action.bool(), response, 0)], 1)
-    seq = Sequences(tokens, torch.cat([torch.ones_like(prompt), action], 1), action)
+    seq = ragged_sequences(gen)
+    action = seq.action_mask
     old = -torch.rand(8, 4, generator=gen) * action
     adv = torch.randn(8, 4, generator=gen) * action
     return Experience.build(seq, old_logprobs=old, ref_logprobs=old, rewards=torch.zeros(8, 4), advantages=adv)

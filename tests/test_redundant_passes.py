@@ -10,7 +10,9 @@ import tempfile
 import pytest
 import torch
 
-from hybrid_ppo.algo.experience import Experience, Sequences
+from helpers import ragged_sequences
+
+from hybrid_ppo.algo.experience import Experience
 from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import LOCALHOST, DistInfo, free_port
 from hybrid_ppo.launch import memory_plan
@@ -49,12 +51,8 @@ def test_kl_off_places_and_plans_no_reference():
 
 def _experience() -> Experience:
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(4, 14, (8, 3), generator=gen)
-    response = torch.randint(4, 14, (8, 4), generator=gen)
-    lengths = torch.tensor([1, 4, 2, 4, 1, 3, 4, 2])
-    action = (torch.arange(4)[None, :] < lengths[:, None]).long()
-    tokens = torch.cat([prompt, torch.where(action.bool(), response, 0)], 1)
-    seq = Sequences(tokens, torch.cat([torch.ones_like(prompt), action], 1), action)
+    seq = ragged_sequences(gen)
+    action = seq.action_mask
     adv = torch.randn(8, 4, generator=gen) * action
     return Experience.build(seq, old_logprobs=None, ref_logprobs=None, rewards=torch.zeros(8, 4), advantages=adv)
 
