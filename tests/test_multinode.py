@@ -103,6 +103,7 @@ class Probe:
 
     def meet(self) -> float:
         """Join the role's gloo group at the address the executor gave, and sum the ranks."""
+        import torch  # here, not at unpickling: where() runs in every probe, meet() in the actor's only
         import torch.distributed as torch_dist
 
         torch_dist.init_process_group("gloo", init_method=self.dist.init_method, rank=self.dist.rank,
@@ -129,8 +130,8 @@ def cluster():
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
         env.setenv("HF_HUB_OFFLINE", "1")
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
-        nodes = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, num_gpus=2, temp_dir=os.path.join(root, "ray"),
-                                                                  include_dashboard=False))
+        head = dict(num_cpus=2, num_gpus=2, temp_dir=os.path.join(root, "ray"), include_dashboard=False)
+        nodes = Cluster(initialize_head=True, head_node_args=head)
         try:
             nodes.add_node(num_cpus=2, num_gpus=2, node_ip_address=SECOND_NODE_IP)
             nodes.wait_for_nodes()
@@ -144,18 +145,6 @@ def cluster():
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def spawned(cluster):
-    executor = RayExecutor(load_config(None, TWO_NODES)).start()
-    try:
-        groups = {role: executor.spawn(role, Probe, role, wait=False) for role in ("actor", "critic", "rollout")}
-        for group in groups.values():
-            group.wait_ready()
-        yield executor, {role: group.call("where") for role, group in groups.items()}, groups
-    finally:
-        executor.shutdown()
-
-
 def test_the_cluster_has_two_nodes_with_distinct_ips(cluster):
     alive = [n for n in ray.nodes() if n["Alive"]]
     assert len(alive) == 2 and all(n["Resources"]["GPU"] == 2 for n in alive)
@@ -163,29 +152,70 @@ def test_the_cluster_has_two_nodes_with_distinct_ips(cluster):
     assert SECOND_NODE_IP in {n["NodeManagerAddress"] for n in alive}
 
 
-def test_rank_i_of_every_role_shares_bundle_i_and_its_node(spawned):
-    executor, where, _ = spawned
-    assert len(executor.placement_groups) == 2
-    for node, pg in enumerate(executor.placement_groups):
-        table = ray.util.placement_group_table(pg)
-        assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2
-    for i in range(4):
-        here = {role: (w[i]["node_id"], w[i]["pg"], w[i]["gpu_ids"]) for role, w in where.items()}
-        assert len(set(map(str, here.values()))) == 1, f"rank {i}: {here}"  # same node, group and GPU: one bundle
-        assert where["actor"][i]["pg"] == executor.placement_groups[i // 2].id.hex()
-    nodes = [w["node_id"] for w in where["actor"]]
-    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]  # bundles of one node together
-    assert {w["node_ip"] for w in where["actor"]} >= {SECOND_NODE_IP}
+@pytest.fixture(scope="class")
+def spawned(cluster):
+    executor = RayExecutor(load_config(None, TWO_NODES)).start()
+    try:
+        groups = {role: executor.spawn(role, Probe, role, wait=False) for role in ("actor", "rollout")}
+        for group in groups.values():
+            group.wait_ready()
+        yield executor, {role: group.call("where") for role, group in groups.items()}, groups
+    finally:
+        executor.shutdown()
 
 
-def test_every_role_group_meets_at_its_rank_0_nodes_ip(spawned):
-    executor, where, groups = spawned
-    rendezvous = set()
-    for role, ranks in where.items():
-        head_ip = ranks[0]["node_ip"]
-        assert head_ip != "127.0.0.1"  # the driver's loopback could not be reached from another node
-        assert {(w["dist"].master_addr, w["dist"].master_port) for w in ranks} == {(head_ip, ranks[0]["dist"].master_port)}
-        rendezvous.add((head_ip, ranks[0]["dist"].master_port))
-    assert len(rendezvous) == 3  # one port per group
-    # A real torch.distributed group over both nodes, at that address: 0 + 1 + 2 + 3.
-    assert groups["actor"].call("meet") == [6.0] * 4
+class TestProbesOnTwoNodes:
+    """Stand-in roles on the cluster; their bundles go back when the class is done."""
+
+    def test_rank_i_of_every_role_shares_bundle_i_and_its_node(self, spawned):
+        executor, where, _ = spawned
+        assert len(executor.placement_groups) == 2
+        for node, pg in enumerate(executor.placement_groups):
+            table = ray.util.placement_group_table(pg)
+            assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2
+        for i in range(4):
+            here = {role: (w[i]["node_id"], w[i]["pg"], w[i]["gpu_ids"]) for role, w in where.items()}
+            assert len(set(map(str, here.values()))) == 1, f"rank {i}: {here}"  # same node, group and GPU: one bundle
+            assert where["actor"][i]["pg"] == executor.placement_groups[i // 2].id.hex()
+        nodes = [w["node_id"] for w in where["actor"]]
+        assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]  # bundles of one node together
+        assert {w["node_ip"] for w in where["actor"]} >= {SECOND_NODE_IP}
+
+    def test_every_role_group_meets_at_its_rank_0_nodes_ip(self, spawned):
+        executor, where, groups = spawned
+        rendezvous = set()
+        for role, ranks in where.items():
+            head_ip = ranks[0]["node_ip"]
+            assert head_ip != "127.0.0.1"  # the driver's loopback could not be reached from another node
+            meets = {(w["dist"].master_addr, w["dist"].master_port) for w in ranks}
+            assert meets == {(head_ip, ranks[0]["dist"].master_port)}, f"{role}: {meets}, rank 0 on {head_ip}"
+            rendezvous |= meets
+        assert len(rendezvous) == 2  # one port per group
+        # A real torch.distributed group over both nodes, at that address: 0 + 1 + 2 + 3.
+        assert groups["actor"].call("meet") == [6.0] * 4
+
+
+@pytest.mark.slow
+def test_two_ppo_iterations_over_two_nodes_checkpoint_and_resume(cluster, tmp_path):
+    """The default task on 2 nodes x 2 fake GPUs: weight sync every iteration, a checkpoint that
+    every rank of both nodes wrote into, and a resume that goes on from it. Without a KL term, so
+    without a reference role: 12 role processes, not 16, each built twice (train, resume); building
+    them is nearly all of this test's time on a 2-core machine (~60 s per role of 4 ranks)."""
+    from hybrid_ppo.checkpoint import latest_checkpoint, read_state
+    from hybrid_ppo.launch import resume, train
+    from hybrid_ppo.metrics import read_metrics
+
+    cfg = load_config(None, [*TWO_NODES, "algo.kl_coef=0", "train.iterations=2", "train.save_every=2", "warmup.steps=20",
+                             "data.eval_size=16", "logging.tensorboard=false", f"logging.output_dir={tmp_path}",
+                             "logging.run_name=two_nodes"])
+    run_dir = train(cfg).run_dir
+    checkpoint = latest_checkpoint(run_dir)
+    assert read_state(checkpoint)["iteration"] == 2
+    for role in ("actor", "critic"):  # a ZeRO shard from each of the 4 ranks, 2 per node
+        shards = sorted(p.name for p in (checkpoint / role).rglob("*optim_states.pt"))
+        assert len(shards) == 4 and all(f"rank_{r}_" in shards[r] for r in range(4)), shards
+    resume(run_dir, ["train.iterations=3"])
+    records = read_metrics(run_dir / "metrics.jsonl")
+    synced = sorted({r["iteration"] for r in records if r.get("rollout/sync_buckets", 0) > 0})
+    assert synced == [1, 2, 3]  # the engines got the trained weights each iteration, resumed run included
+    assert read_state(latest_checkpoint(run_dir))["iteration"] == 3
