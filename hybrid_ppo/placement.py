@@ -103,14 +103,16 @@ class PlacementPlan:
         return _sums(self, "cpu")
 
     def describe(self) -> str:
-        """A bundle x role table of GPU fractions, with the per-bundle GPU and CPU sums."""
+        """A bundle x role table of GPU fractions, with the per-bundle GPU and CPU sums (and each
+        bundle's node, on more than one)."""
         roles = self.roles
         cells: dict[tuple[int, str], float] = defaultdict(float)
         for s in self.slots:
             cells[(s.bundle, s.role)] += s.gpu
-        header = ["bundle", *roles, "GPU sum", "CPU sum"]
+        where = (lambda b: [str(b), str(self.node_of(b))]) if self.num_nodes > 1 else (lambda b: [str(b)])
+        header = [*(["bundle", "node"] if self.num_nodes > 1 else ["bundle"]), *roles, "GPU sum", "CPU sum"]
         rows = [
-            [str(b), *(_fmt(cells[(b, r)]) if (b, r) in cells else "-" for r in roles), _fmt(g), _fmt(c)]
+            [*where(b), *(_fmt(cells[(b, r)]) if (b, r) in cells else "-" for r in roles), _fmt(g), _fmt(c)]
             for b, (g, c) in enumerate(zip(self.bundle_gpu_sums(), self.bundle_cpu_sums()))
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

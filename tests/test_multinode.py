@@ -41,7 +41,9 @@ def test_two_nodes_number_bundles_over_the_cluster_and_keep_tp_engines_in_one_no
     assert [s.bundle for s in plan.for_role("actor")] == [0, 1, 2, 3]
     specs = rank_specs(plan, "rollout")  # engine 1 on node 1: vLLM indexes that node's group, we the plan
     assert specs[1].env["VLLM_RAY_BUNDLE_INDICES"] == "0,1" and specs[1].env["HYBRID_PPO_BUNDLES"] == "2,3"
-    assert "2 nodes x 2 bundles" in plan.describe()
+    table = plan.describe().splitlines()
+    assert "2 nodes x 2 bundles" in table[0] and table[1].split()[:2] == ["bundle", "node"]
+    assert [row.split()[:2] for row in table[2:]] == [["0", "0"], ["1", "0"], ["2", "1"], ["3", "1"]]
 
 
 @pytest.mark.parametrize("overrides, key, allowed", [
