@@ -271,13 +271,18 @@ class RayExecutor:
     def rendezvous(self, bundle: int) -> tuple[str, int]:
         """Where a role group whose rank 0 lives on `bundle` meets: that node's IP (the driver's
         127.0.0.1 would not reach another node) and a port free there, distinct from every other
-        group's there. A zero-resource task on the bundle finds both; it fits however full the
-        bundle is."""
+        group's there. A task on the bundle finds both; it asks for no CPU or GPU, so it fits
+        beside the ranks already there."""
         import ray
 
         probe = ray.remote(num_cpus=0)(rendezvous_probe)
         ref = probe.options(scheduling_strategy=self.bundle_strategy(bundle)).remote(self._ports.taken())
-        addr, port = ray.get(ref, timeout=RENDEZVOUS_TIMEOUT_S)
+        try:
+            addr, port = ray.get(ref, timeout=RENDEZVOUS_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise PlacementError(f"no answer from the node of bundle {bundle} in {RENDEZVOUS_TIMEOUT_S:g} s (asked "
+                                 f"for its IP and a free port): is its raylet alive? (`ray status`)") from None
         self._ports.record(addr, port)
         return addr, port
 
