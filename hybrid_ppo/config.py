@@ -522,7 +522,8 @@ class Config:
         per_rank = self.train.mini_batch_size / (self.train.micro_batch_size * gpus)
         if per_rank != int(per_rank) or per_rank < 1:
             raise ConfigError("train.micro_batch_size", self.train.micro_batch_size,
-                              f"micro_batch_size * GPUs ({gpus}: placement.num_nodes x num_gpus) must divide train.mini_batch_size "
+                              f"micro_batch_size * GPUs ({gpus}: placement.num_nodes x num_gpus) must divide "
+                              f"train.mini_batch_size "
                               f"= {self.train.mini_batch_size}")
         if self.train.rollout_batch_size % self.num_engines:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
@@ -557,7 +558,8 @@ class Config:
                               f"responses to the same prompt)")
         if estimator.uses_groups and self.train.rollout_batch_size % self.placement.world_size:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
-                              f"a multiple of the GPUs ({self.placement.world_size}: placement.num_nodes x num_gpus) with "
+                              f"a multiple of the GPUs ({self.placement.world_size}: placement.num_nodes x "
+                              f"num_gpus) with "
                               f"{estimator.value}: every rank computes advantages over whole groups")
         algo, max_new = self.algo, self.rollout.max_new_tokens
         if algo.overlong_buffer is not None and algo.overlong_buffer > max_new:

@@ -88,7 +88,8 @@ class Setting:
     def of(cls, cfg: Config, roles: Iterable[Role]) -> Setting:
         local = cfg.placement.executor == ExecutorKind.LOCAL
         ranks = 1 if local else cfg.placement.world_size
-        return cls(ranks=ranks, ranks_per_node=1 if local else cfg.placement.num_gpus, processes_per_gpu=1 if local else len(list(roles)), zero_stage=cfg.train.zero_stage,
+        return cls(ranks=ranks, ranks_per_node=1 if local else cfg.placement.num_gpus,
+                   processes_per_gpu=1 if local else len(list(roles)), zero_stage=cfg.train.zero_stage,
                    w=dtype_bytes(cfg.model.dtype), micro=cfg.train.micro_batch_size,
                    token_budget=cfg.train.max_tokens_per_micro_batch, prompt=cfg.data.max_prompt_tokens,
                    response=cfg.rollout.max_new_tokens, checkpointing=cfg.model.gradient_checkpointing,
@@ -344,7 +345,8 @@ class MemoryPlan:
             parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items() if v)
             lines.append(f"  {role:<10} {parts or '-'}")
         host = self.phases[self.host_peak_phase]
-        lines.append(f"host at its peak ({self.host_peak_phase}), per node, its {self.setting.ranks_per_node} rank(s): pinned "
+        lines.append(f"host at its peak ({self.host_peak_phase}), per node, its {self.setting.ranks_per_node} rank(s): "
+                     "pinned "
                      + ", ".join(f"{r} {b / GIB:.1f}" for r, b in host.host.items() if b)
                      + f"; pageable (role processes) {host.host_pageable / GIB:.1f}")
         lines.extend(f"LM head ({role}): {path}" for role, path in self.lm_head.items())
@@ -397,7 +399,7 @@ def _estimate(plan: Mapping[Phase, ResidentStates], shapes: dict[Role, ModelShap
             roles[role.value] = terms
             host[role.value] = s.ranks_per_node * sum(_host_copy(role, state, components, s)
                                              for state, components in states[role].items() if state not in keep)
-        processes = s.ranks_per_node * s.processes_per_gpu  # a process per role rank on the node (one under the local executor)
+        processes = s.ranks_per_node * s.processes_per_gpu  # a process per role rank on the node (one: local executor)
         result.phases[phase.value] = PhaseEstimate(roles, host, processes * PROCESS_HOST_BYTES)
     return result
 
