@@ -13,8 +13,10 @@ format) and Hugging Face exports of the actor (what vLLM or `from_pretrained` lo
       iter_000020.tmp/        a save in progress (or one a crash interrupted: never read)
       latest                  the name of the newest complete checkpoint, e.g. "iter_000020"
 
-A save writes into `iter_N.tmp/`, fsyncs every file once every rank has returned, renames the
-directory, and only then replaces `latest` (a temp file and `os.replace`, which is atomic on
+A save writes into `iter_N.tmp/`, fsyncs every file once every rank has returned (the driver's
+call waits for every rank on every node) and the driver sees every file each rank wrote (a rank on
+another node writes into the same directory only if the run directory is on a filesystem all
+nodes share), renames the directory, and only then replaces `latest` (a temp file and `os.replace`, which is atomic on
 POSIX). A crash at any point leaves `latest` naming a complete checkpoint. Older checkpoints
 beyond `train.keep_checkpoints` are deleted only after the new one is complete.
 
@@ -112,6 +114,24 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file under `root`, as sorted paths relative to it."""
+    return sorted(str(Path(d, f).relative_to(root)) for d, _, files in os.walk(root) for f in files)
+
+
+def check_written_files(directory: Path, role: str, per_rank: list[list[str]]) -> None:
+    """Every file that each rank of `role` wrote under `directory` (`per_rank[r]`, as the rank saw
+    it) must be what the driver sees there too; else the ranks' nodes do not share the run
+    directory, and the checkpoint would be incomplete on every node."""
+    seen = set(files_under(directory))
+    for rank, files in enumerate(per_rank):
+        missing = [f for f in files if f not in seen]
+        if missing:
+            raise CheckpointError(f"{directory}: {role} rank {rank} wrote {len(missing)} file(s) the driver cannot "
+                                  f"see (e.g. {missing[0]}): with placement.num_nodes > 1, logging.output_dir "
+                                  f"must be on a filesystem every node shares (NFS, Lustre, ...)")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

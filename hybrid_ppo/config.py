@@ -225,7 +225,7 @@ class RolloutConfig(_Section):
     engine: EngineKind = EngineKind.HF
     """Generation engine: `hf` (transformers generate; CPU default) or `vllm`."""
     tensor_parallel_size: int = 1
-    """GPUs per rollout engine; engines = placement.num_gpus / tensor_parallel_size."""
+    """GPUs per rollout engine, all on one node; engines = placement.num_nodes x num_gpus / tensor_parallel_size."""
     max_new_tokens: int = 4
     """Response length cap; a response without EOS by then is truncated (and scored as is)."""
     temperature: float = 1.0
@@ -427,8 +427,11 @@ class AlgoConfig(_Section):
 @dataclass
 class PlacementConfig(_Section):
     name: ClassVar[str] = "placement"
+    num_nodes: int = 1
+    """Nodes of the Ray cluster the run uses, each with placement.num_gpus GPUs; > 1 needs a cluster
+    at RAY_ADDRESS and a run directory every node shares (README: "More than one node")."""
     num_gpus: int = 2
-    """GPUs on the node (one placement-group bundle each). Without CUDA Ray fakes this many."""
+    """GPUs per node (one placement-group bundle each). Without CUDA Ray fakes this many."""
     gpu_per_role: float = 0.2
     """GPU fraction each role rank (and each engine worker) asks for on its bundle."""
     cpu_per_bundle: float = 0.5
@@ -440,11 +443,20 @@ class PlacementConfig(_Section):
     gpu_memory_gib: float = 79.6
     """Memory of each GPU in GiB, for `hybrid-ppo plan` (an 80 GB H100/A100: nvidia-smi's 81559 MiB)."""
     host_memory_gib: float = 1024.0
-    """Host memory of the node in GiB, for `hybrid-ppo plan` (offloaded states live there)."""
+    """Host memory of each node in GiB, for `hybrid-ppo plan` (offloaded states live there)."""
 
     def __post_init__(self) -> None:
+        self._require(self.num_nodes >= 1, "num_nodes", "an integer >= 1")
+        if self.num_nodes > 1 and self.executor == ExecutorKind.LOCAL:
+            raise ConfigError("placement.num_nodes", self.num_nodes,
+                              "1 with placement.executor=local (one process cannot span nodes)")
         self._positive("num_gpus", "cpu_per_bundle", "cpu_per_role", "gpu_memory_gib", "host_memory_gib")
         self._require(0.0 < self.gpu_per_role <= 1.0, "gpu_per_role", "a number in (0, 1]")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of every role: one per GPU of every node (bundle i = rank i)."""
+        return self.num_nodes * self.num_gpus
 
 
 @dataclass
@@ -501,20 +513,25 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        gpus, tp = self.placement.num_gpus, self.rollout.tensor_parallel_size
-        if gpus % tp:
-            raise ConfigError("rollout.tensor_parallel_size", tp, f"a divisor of placement.num_gpus = {gpus}")
+        per_node, tp = self.placement.num_gpus, self.rollout.tensor_parallel_size
+        if per_node % tp:  # engine e's workers are bundles e*tp .. e*tp+tp-1: within one node iff tp | per_node
+            raise ConfigError("rollout.tensor_parallel_size", tp,
+                              f"a divisor of placement.num_gpus = {per_node} (the GPUs per node: an engine's "
+                              f"TP workers never straddle two nodes)")
+        gpus = self.placement.world_size
         per_rank = self.train.mini_batch_size / (self.train.micro_batch_size * gpus)
         if per_rank != int(per_rank) or per_rank < 1:
             raise ConfigError("train.micro_batch_size", self.train.micro_batch_size,
-                              f"micro_batch_size * num_gpus ({gpus}) must divide train.mini_batch_size "
+                              f"micro_batch_size * GPUs ({gpus}: placement.num_nodes x num_gpus) must divide "
+                              f"train.mini_batch_size "
                               f"= {self.train.mini_batch_size}")
         if self.train.rollout_batch_size % self.num_engines:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
                               f"a multiple of the number of rollout engines ({self.num_engines})")
         if self.model.reward_model is not None and self.data.eval_size % gpus:
             raise ConfigError("data.eval_size", self.data.eval_size,
-                              f"a multiple of placement.num_gpus ({gpus}): reward-model ranks score equal shards")
+                              f"a multiple of the GPUs ({gpus}: placement.num_nodes x num_gpus): reward-model "
+                              f"ranks score equal shards")
         needed = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         if self.rollout.max_model_len is not None and self.rollout.max_model_len < needed:
             raise ConfigError("rollout.max_model_len", self.rollout.max_model_len,
@@ -539,9 +556,10 @@ class Config:
             raise ConfigError("train.samples_per_prompt", n,
                               f"an integer >= 2 with algo.advantage_estimator={estimator.value} (it compares "
                               f"responses to the same prompt)")
-        if estimator.uses_groups and self.train.rollout_batch_size % self.placement.num_gpus:
+        if estimator.uses_groups and self.train.rollout_batch_size % self.placement.world_size:
             raise ConfigError("train.rollout_batch_size", self.train.rollout_batch_size,
-                              f"a multiple of placement.num_gpus ({self.placement.num_gpus}) with "
+                              f"a multiple of the GPUs ({self.placement.world_size}: placement.num_nodes x "
+                              f"num_gpus) with "
                               f"{estimator.value}: every rank computes advantages over whole groups")
         algo, max_new = self.algo, self.rollout.max_new_tokens
         if algo.overlong_buffer is not None and algo.overlong_buffer > max_new:
@@ -560,7 +578,7 @@ class Config:
 
     @property
     def num_engines(self) -> int:
-        return self.placement.num_gpus // self.rollout.tensor_parallel_size
+        return self.placement.world_size // self.rollout.tensor_parallel_size
 
     @property
     def max_model_len(self) -> int:
@@ -594,7 +612,7 @@ class Config:
 
     @property
     def grad_accum_steps(self) -> int:
-        return self.train.mini_batch_size // (self.train.micro_batch_size * self.placement.num_gpus)
+        return self.train.mini_batch_size // (self.train.micro_batch_size * self.placement.world_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able dict (enums as their values), as saved beside a run."""

@@ -1,13 +1,14 @@
-"""Where every role rank runs: one placement group, one bundle per GPU, a GPU fraction per rank.
+"""Where every role rank runs: one placement group per node, one bundle per GPU, a GPU fraction per rank.
 
 The plan is a pure function of the config (`make_plan`), checked (`check_plan`) before Ray
 starts, so an infeasible layout fails with the per-bundle sums instead of an actor that stays
 pending forever. On GPU bundle i live actor rank i, critic rank i, reference rank i, reward rank
 i (only with a reward *model*; a rule reward runs in the driver) and rollout worker i. Rollout
 engine e with tensor parallel size t owns the workers on bundles e*t .. e*t+t-1; its rank-0
-worker is engine e's actor.
+worker is engine e's actor. Bundles are numbered over the whole cluster: node n holds bundles
+n*g .. n*g+g-1 (g = placement.num_gpus), as bundles 0 .. g-1 of that node's group.
 
-`create_placement_group` is the only function here that touches Ray, and it imports Ray
+`create_placement_groups` is the only function here that touches Ray, and it imports Ray
 lazily: importing this module starts nothing.
 """
 
@@ -29,6 +30,11 @@ only when the advantage estimator needs one (gae)."""
 
 FRACTION_TOLERANCE = 1e-6
 """Slack on `sum <= 1` per bundle: 5 x 0.2 is 1.0000000000000002 in floating point."""
+
+PLAN_BUNDLES_ENV = "HYBRID_PPO_BUNDLES"
+"""Set on a TP>1 engine's actor: its plan bundles, cluster-wide numbers like the actor ranks'. On CPU
+they name its workers' GPUs (weight_sync.device_key); VLLM_RAY_BUNDLE_INDICES holds the same
+bundles' indices within the node's group, for vLLM's Ray executor."""
 
 PG_READY_TIMEOUT_S = 60.0
 """How long `create_placement_group` waits for all bundles before giving up."""
@@ -60,6 +66,20 @@ class PlacementPlan:
     slots: tuple[Slot, ...]
     tensor_parallel_size: int = 1
     """Rollout workers per engine; engine e owns rollout ranks e*tp .. e*tp+tp-1."""
+    num_nodes: int = 1
+    """Nodes the bundles are split over, num_bundles / num_nodes each, in bundle order."""
+
+    @property
+    def bundles_per_node(self) -> int:
+        return self.num_bundles // self.num_nodes
+
+    def node_of(self, bundle: int) -> int:
+        """The node (placement group) that holds `bundle`."""
+        return bundle // self.bundles_per_node
+
+    def index_in_node(self, bundle: int) -> int:
+        """`bundle`'s index in its node's placement group."""
+        return bundle % self.bundles_per_node
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -83,19 +103,22 @@ class PlacementPlan:
         return _sums(self, "cpu")
 
     def describe(self) -> str:
-        """A bundle x role table of GPU fractions, with the per-bundle GPU and CPU sums."""
+        """A bundle x role table of GPU fractions, with the per-bundle GPU and CPU sums (and each
+        bundle's node, on more than one)."""
         roles = self.roles
         cells: dict[tuple[int, str], float] = defaultdict(float)
         for s in self.slots:
             cells[(s.bundle, s.role)] += s.gpu
-        header = ["bundle", *roles, "GPU sum", "CPU sum"]
+        where = (lambda b: [str(b), str(self.node_of(b))]) if self.num_nodes > 1 else (lambda b: [str(b)])
+        header = [*(["bundle", "node"] if self.num_nodes > 1 else ["bundle"]), *roles, "GPU sum", "CPU sum"]
         rows = [
-            [str(b), *(_fmt(cells[(b, r)]) if (b, r) in cells else "-" for r in roles), _fmt(g), _fmt(c)]
+            [*where(b), *(_fmt(cells[(b, r)]) if (b, r) in cells else "-" for r in roles), _fmt(g), _fmt(c)]
             for b, (g, c) in enumerate(zip(self.bundle_gpu_sums(), self.bundle_cpu_sums()))
         ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
-        title = (f"placement group: {self.num_bundles} bundles x {{GPU: 1, CPU: {_fmt(self.bundle_cpu)}}}, "
+        nodes = f"{self.num_nodes} nodes x " if self.num_nodes > 1 else ""
+        title = (f"placement group: {nodes}{self.bundles_per_node} bundles x {{GPU: 1, CPU: {_fmt(self.bundle_cpu)}}}, "
                  f"rollout TP={self.tensor_parallel_size}")
         return "\n".join([title, *lines])
 
@@ -122,15 +145,15 @@ def roles_for(cfg: Config) -> tuple[str, ...]:
 
 
 def make_plan(cfg: Config) -> PlacementPlan:
-    """One slot per role per GPU bundle (rank i on bundle i), each with the configured fractions."""
+    """One slot per role per GPU bundle of every node (rank i on bundle i), each with the configured fractions."""
     p = cfg.placement
     slots = tuple(
         Slot(role=role, rank=gpu, bundle=gpu, gpu=p.gpu_per_role, cpu=p.cpu_per_role)
-        for gpu in range(p.num_gpus)
+        for gpu in range(p.world_size)
         for role in roles_for(cfg)
     )
-    plan = PlacementPlan(num_bundles=p.num_gpus, bundle_cpu=p.cpu_per_bundle, slots=slots,
-                         tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+    plan = PlacementPlan(num_bundles=p.world_size, bundle_cpu=p.cpu_per_bundle, slots=slots,
+                         tensor_parallel_size=cfg.rollout.tensor_parallel_size, num_nodes=p.num_nodes)
     check_plan(plan, cfg)
     return plan
 
@@ -161,9 +184,10 @@ def _fraction_problems(plan: PlacementPlan) -> list[str]:
 
 
 def _rank_problems(plan: PlacementPlan, cfg: Config) -> list[str]:
-    n, problems = cfg.placement.num_gpus, []
-    if plan.num_bundles != n:
-        problems.append(f"{plan.num_bundles} bundles, but placement.num_gpus = {n}")
+    n, problems = cfg.placement.world_size, []
+    if plan.num_bundles != n or plan.num_nodes != cfg.placement.num_nodes:
+        problems.append(f"{plan.num_bundles} bundles on {plan.num_nodes} node(s), but placement.num_nodes x "
+                        f"num_gpus = {cfg.placement.num_nodes} x {cfg.placement.num_gpus}")
     for s in plan.slots:
         if not 0 <= s.bundle < plan.num_bundles:
             problems.append(f"{s.role} rank {s.rank}: bundle {s.bundle} outside 0..{plan.num_bundles - 1}")
@@ -181,24 +205,36 @@ def _rank_problems(plan: PlacementPlan, cfg: Config) -> list[str]:
 
 
 def _engine_problems(plan: PlacementPlan, cfg: Config) -> list[str]:
-    tp, n = cfg.rollout.tensor_parallel_size, cfg.placement.num_gpus
+    tp, n = cfg.rollout.tensor_parallel_size, cfg.placement.world_size
     problems = []
     if plan.tensor_parallel_size != tp:
         problems.append(f"plan TP {plan.tensor_parallel_size} != rollout.tensor_parallel_size {tp}")
     if cfg.num_engines * tp != n:
-        problems.append(f"rollout: {cfg.num_engines} engines x TP {tp} != placement.num_gpus {n}")
+        problems.append(f"rollout: {cfg.num_engines} engines x TP {tp} != {n} GPUs")
+    for e, workers in enumerate(plan.engines()):
+        nodes = sorted({plan.node_of(w.bundle) for w in workers})
+        if len(nodes) > 1:  # vLLM's TP workers share weights through one node's GPUs
+            problems.append(f"rollout engine {e}: TP workers on bundles {[w.bundle for w in workers]} straddle "
+                            f"nodes {nodes}; rollout.tensor_parallel_size must divide placement.num_gpus")
     return problems
 
 
-def create_placement_group(plan: PlacementPlan, timeout_s: float = PG_READY_TIMEOUT_S) -> "PlacementGroup":
-    """Reserve the plan's bundles as ONE Ray placement group and wait until it is ready.
+def create_placement_groups(plan: PlacementPlan, timeout_s: float = PG_READY_TIMEOUT_S) -> list["PlacementGroup"]:
+    """Reserve the plan's bundles as one STRICT_PACK Ray placement group per node, and wait until
+    all are ready. Node n's group holds bundles n*g .. n*g+g-1, as its bundles 0 .. g-1.
 
-    STRICT_PACK: every bundle on one node. The roles meet on 127.0.0.1 and colocated engines
-    share weights with the actor on the same GPUs, so a group spread over nodes (which PACK
-    allows when joining a multi-node cluster at RAY_ADDRESS) could not work.
+    Why one STRICT_PACK group per node: a bundle is one GPU, and every guarantee here is per node.
+    Colocated roles share GPU i; a TP engine's workers share one node; a role group meets at its
+    rank-0 node. STRICT_PACK is Ray's only strategy that keeps a set of bundles on ONE node. PACK
+    may split a group anywhere when a node runs out of room, and STRICT_SPREAD puts every bundle on
+    a distinct node, so a node's GPUs could never be used together. A single group cannot be told
+    "these g bundles here, those g there" without knowing the node ids in advance. The cost: Ray may
+    put two node groups on one physical node with room for both. Nothing then breaks, because each
+    role group still meets at its own rank 0 (executor/ray.py), and weight sync stays within a GPU.
 
     Ray must already be initialized. Raises `PlacementError` at once if the cluster has fewer
-    GPUs/CPUs in total than the group needs, or after `timeout_s` if the bundles never fit.
+    GPUs/CPUs in total than the groups need, or after `timeout_s` if the bundles never fit (e.g. no
+    node has placement.num_gpus GPUs free).
     """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -208,21 +244,24 @@ def create_placement_group(plan: PlacementPlan, timeout_s: float = PG_READY_TIME
     short = {k: v for k, v in need.items() if total.get(k, 0.0) + FRACTION_TOLERANCE < v}
     if short:
         raise PlacementError(_missing_message(plan, need, total, ray.available_resources(), "the cluster has"))
-    bundles = [{"GPU": 1.0, "CPU": plan.bundle_cpu} for _ in range(plan.num_bundles)]
-    pg = placement_group(bundles, strategy="STRICT_PACK")
-    if not pg.wait(timeout_seconds=timeout_s):
+    bundles = [{"GPU": 1.0, "CPU": plan.bundle_cpu} for _ in range(plan.bundles_per_node)]
+    groups = [placement_group(bundles, strategy="STRICT_PACK") for _ in range(plan.num_nodes)]
+    ready, waiting = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=timeout_s)
+    if waiting:
         available = ray.available_resources()
-        remove_placement_group(pg)
+        for pg in groups:
+            remove_placement_group(pg)
         raise PlacementError(_missing_message(plan, need, total, available,
                                               f"not ready after {timeout_s:g} s; the cluster has"))
-    return pg
+    return groups
 
 
 def _missing_message(plan: PlacementPlan, need: dict, total: dict, available: dict, what: str) -> str:
     def show(res: dict) -> str:
         return ", ".join(f"{k} {_fmt(res.get(k, 0.0))}" for k in need)
 
-    return (f"cannot reserve the placement group ({plan.num_bundles} bundles of "
-            f"{{GPU: 1, CPU: {_fmt(plan.bundle_cpu)}}}; needs {show(need)}): {what} {show(total)} in total, "
-            f"{show(available)} free. Start Ray with more GPUs/CPUs (`ray start --num-gpus`), or lower "
-            f"placement.num_gpus / placement.cpu_per_bundle.")
+    nodes = f"{plan.num_nodes} nodes x " if plan.num_nodes > 1 else ""
+    return (f"cannot reserve the placement group ({nodes}{plan.bundles_per_node} bundles of "
+            f"{{GPU: 1, CPU: {_fmt(plan.bundle_cpu)}}} on one node; needs {show(need)}): {what} {show(total)} in "
+            f"total, {show(available)} free. Start Ray with more GPUs/CPUs (`ray start --num-gpus`), or lower "
+            f"placement.num_nodes / placement.num_gpus / placement.cpu_per_bundle.")

@@ -16,6 +16,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -28,6 +29,7 @@ from hybrid_ppo.algo.kl_controller import KLController
 from hybrid_ppo.algo.packing import balanced_shards, real_lengths
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
 from hybrid_ppo.algo.tis import TISWeights, tis_metrics, tis_weights
+from hybrid_ppo.checkpoint import check_written_files
 from hybrid_ppo.config import Config, ConfigError, KLPlacement
 from hybrid_ppo.executor import RoleError
 from hybrid_ppo.memory.plan import CHECKPOINT_PHASES, Phase
@@ -174,7 +176,7 @@ class PPOTrainer:
         if not algo.dynamic_sampling:
             return (*self.sample_round(examples, 0), {})
         pool = dapo.SignalGroups(self.cfg.train.rollout_batch_size, n,
-                                 dapo.group_unit(self.cfg.train.mini_batch_size, n, self.cfg.placement.num_gpus))
+                                 dapo.group_unit(self.cfg.train.mini_batch_size, n, self.cfg.placement.world_size))
         rounds: list[tuple[Rollout, RewardScores]] = []
         for sampling_round in range(algo.max_sampling_rounds):
             if sampling_round:
@@ -365,7 +367,8 @@ class PPOTrainer:
         self._phase_times = {}
         for phase in self.plan_phases(CHECKPOINT_PHASES):  # no CHECKPOINT_CRITIC without a critic
             with self.phase(phase):
-                self.roles_of(phase).call("save_checkpoint", f"{directory}/{CHECKPOINT_ROLES[phase]}")
+                role, path = CHECKPOINT_ROLES[phase], f"{directory}/{CHECKPOINT_ROLES[phase]}"
+                check_written_files(Path(path), role, self.roles_of(phase).call("save_checkpoint", path))
         return {k: v for k, v in self._phase_times.items() if k.startswith("time/")}
 
     def load_roles(self, directory: str) -> None:
@@ -408,7 +411,7 @@ class PPOTrainer:
     def throughput(self, rollout: Rollout, seconds: float) -> dict[str, float]:
         """Whole-iteration time, and real (non-pad) tokens per second per GPU over it."""
         tokens = float(rollout.sequences.attention_mask.sum())
-        return {"time/step": seconds, "time/tokens_per_s_per_gpu": tokens / seconds / self.cfg.placement.num_gpus}
+        return {"time/step": seconds, "time/tokens_per_s_per_gpu": tokens / seconds / self.cfg.placement.world_size}
 
     @contextmanager
     def phase(self, phase: Phase, record: bool = True) -> Iterator[None]:

@@ -14,7 +14,7 @@ import ray
 
 from hybrid_ppo.config import load_config
 from hybrid_ppo.executor import DistInfo, LocalExecutor, RoleError, make_executor
-from hybrid_ppo.placement import PlacementError, create_placement_group, make_plan
+from hybrid_ppo.placement import PlacementError, create_placement_groups, make_plan
 from hybrid_ppo.executor.ray import WORKER_OUTPUT_LOGGER, RayExecutor, forwarded_env, rank_specs
 
 ROLES = ("actor", "critic", "reference", "reward", "rollout")
@@ -112,9 +112,10 @@ def test_ray_starts_self_contained(executor, cache_dir):
 
 
 def test_every_rank_on_its_bundle_with_its_fraction(executor, groups):
-    pg_id = executor.placement_group.id.hex()
-    table = ray.util.placement_group_table(executor.placement_group)
-    assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2  # one group, one node
+    [pg] = executor.placement_groups  # one node: one group
+    pg_id = pg.id.hex()
+    table = ray.util.placement_group_table(pg)
+    assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2
     pids = set()
     for role, group in groups.items():
         assert group.world_size == 2
@@ -191,7 +192,7 @@ def test_unplanned_role_and_missing_gpus_are_refused(executor, groups):
         executor.spawn("judge", Probe)
     too_big = make_plan(load_config(None, ["placement.num_gpus=4", "train.micro_batch_size=8"]))
     with pytest.raises(PlacementError, match=r"needs GPU 4, CPU 2\): the cluster has GPU 2, CPU 2 in total"):
-        create_placement_group(too_big, timeout_s=1)
+        create_placement_groups(too_big, timeout_s=1)
 
 
 def test_local_executor_runs_the_same_probe_in_process():
@@ -222,7 +223,8 @@ def test_tensor_parallel_engine_is_one_actor_on_its_first_bundle():
     assert [(s.rank, s.world_size, s.bundle, s.bundles) for s in specs] == [
         (e, 4, 2 * e, (2 * e, 2 * e + 1)) for e in range(4)]
     assert all(s.gpu == 0.0 for s in specs)  # vLLM's TP workers take the reserved fractions
-    assert specs[1].env == {"VLLM_RAY_PER_WORKER_GPUS": "0.2", "VLLM_RAY_BUNDLE_INDICES": "2,3"}
+    assert specs[1].env == {"VLLM_RAY_PER_WORKER_GPUS": "0.2", "VLLM_RAY_BUNDLE_INDICES": "2,3",
+                            "HYBRID_PPO_BUNDLES": "2,3"}
     assert [s.gpu for s in rank_specs(plan, "actor")] == [0.2] * 8
 
 

@@ -131,7 +131,7 @@ def test_a_tp_worker_takes_the_handle_staged_on_its_own_device_whatever_the_orde
                for b in (2, 3)]  # actor ranks 2 and 3, on bundles 2 and 3
     try:
         handles = [s.stage(0, [("w", torch.zeros(4))]) for s in stagers]
-        monkeypatch.setenv("VLLM_RAY_BUNDLE_INDICES", "3,2")  # this engine's TP rank 0 on bundle 3
+        monkeypatch.setenv("HYBRID_PPO_BUNDLES", "3,2")  # this engine's TP rank 0 on bundle 3
         worker = VLLMWorkerStandIn(torch.device("cpu"))
         assert [handle_for(handles, worker_device_key(worker, r), r).device_key for r in (0, 1)] == ["bundle-3", "bundle-2"]
         with pytest.raises(WeightSyncError, match="no handle was staged on this worker's device bundle-7"):

@@ -123,6 +123,17 @@ def test_host_memory_counts_a_pinned_copy_per_rank(small_model):
     assert plan.phases["generate"].host_pageable == 8 * PROCESS_HOST_BYTES
 
 
+def test_two_nodes_shard_over_every_gpu_and_count_host_memory_per_node(small_model):
+    one, two = (estimate(_cfg(small_model, "train.zero_stage=2", f"placement.num_nodes={n}")) for n in (1, 2))
+    # ZeRO-2 shards the optimizer over all 4 ranks on two nodes, over 2 on one: half the Adam moments per GPU.
+    adam = lambda plan: plan.states["actor"]["train_state"]["optim_states"]  # noqa: E731
+    assert adam(two) * 2 == pytest.approx(adam(one), abs=64)
+    # Each node's host memory holds its own 2 ranks' copies, whatever the number of nodes.
+    assert two.phases["generate"].host["reference"] == one.phases["generate"].host["reference"]
+    assert two.phases["generate"].host_pageable == 8 * PROCESS_HOST_BYTES
+    assert (two.as_dict()["ranks_per_role"], two.as_dict()["ranks_per_node"]) == (4, 2)
+
+
 def test_verdict_and_the_largest_settings_that_fit(small_model):
     tight = estimate(_cfg(small_model, "placement.gpu_memory_gib=1"))
     assert not tight.fits and tight.verdict().startswith(f"does not fit: phase {tight.peak_phase} needs")

@@ -8,12 +8,13 @@ import re
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from hybrid_ppo.errors import HybridPPOError
 
 LOCALHOST = "127.0.0.1"
-"""Rendezvous address of every role group: the trainer is single-node."""
+"""Rendezvous address of the local executor's one-process world. Under Ray a role group meets at
+its rank-0 node's IP instead (`executor.ray.rendezvous`)."""
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning|[A-Z]\w*)): (?P<message>.*)$")
@@ -152,22 +153,27 @@ class RoleGroup(ABC):
             raise IndexError(f"role '{self.name}': rank {rank} outside 0..{self.world_size - 1}")
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        return s.getsockname()[1]
+def free_port(host: str = LOCALHOST, taken: Collection[int] = ()) -> int:
+    """A TCP port on `host` ("" = every interface of this machine) that was free a moment ago
+    (the OS picks it), and not one of `taken`."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 class Ports:
-    """Hands out distinct free ports: one per role group."""
+    """The rendezvous ports given out so far, one per role group, by node address: a new group's
+    port must differ from those on its node (a port freed by the OS is not yet bound by the group
+    that got it)."""
 
     def __init__(self) -> None:
-        self._given: set[int] = set()
+        self._given: dict[str, set[int]] = {}
 
-    def take(self) -> int:
-        port = free_port()
-        while port in self._given:
-            port = free_port()
-        self._given.add(port)
-        return port
+    def taken(self) -> dict[str, frozenset[int]]:
+        return {addr: frozenset(ports) for addr, ports in self._given.items()}
+
+    def record(self, addr: str, port: int) -> None:
+        self._given.setdefault(addr, set()).add(port)

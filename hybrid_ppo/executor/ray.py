@@ -1,7 +1,10 @@
-"""The Ray executor: every role rank is a Ray actor in the one placement group.
+"""The Ray executor: every role rank is a Ray actor in its node's placement group.
 
 This is the one place where Ray wraps the role classes (`ray.remote` at spawn time) and puts rank
-i on bundle i with the plan's GPU fraction. Ray is imported inside functions only.
+i on bundle i with the plan's GPU fraction. Each role group meets (torch.distributed's
+MASTER_ADDR:MASTER_PORT) at the IP of the node that holds its rank 0, on a port free there, which
+a zero-resource task on rank 0's bundle finds (`rendezvous`) before the ranks start. Ray is
+imported inside functions only.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hybrid_ppo.config import Config
-from hybrid_ppo.executor.base import LOCALHOST, DistInfo, Pending, Ports, RoleError, RoleGroup, RoleTimeout
-from hybrid_ppo.placement import PlacementPlan, create_placement_group, make_plan
+from hybrid_ppo.executor.base import DistInfo, Pending, Ports, RoleError, RoleGroup, RoleTimeout, free_port
+from hybrid_ppo.placement import PLAN_BUNDLES_ENV, PlacementError, PlacementPlan, create_placement_groups, make_plan
 from hybrid_ppo.stopping import check_abandoned
 
 WORKER_OUTPUT_LOGGER = "hybrid_ppo.workers"
@@ -42,6 +45,9 @@ more than a vLLM engine's own teardown limit (vllm_engine.SHUTDOWN_TIMEOUT_S; an
 3-5 s on CPU). A role still busy (an abandoned phase, a peer that died mid-collective) would answer
 only after its current call, so it is killed instead."""
 
+RENDEZVOUS_TIMEOUT_S = 120.0
+"""How long `rendezvous` waits for its probe on rank 0's node (a fresh node starts a worker first)."""
+
 MAX_UNIX_TEMP_DIR = 40
 """Ray puts Unix sockets at <temp_dir>/session_<date>_<pid>/sockets/...; the path limit is ~107 chars."""
 
@@ -65,6 +71,7 @@ def rank_specs(plan: PlacementPlan, role: str) -> list[RankSpec]:
 
     A TP>1 engine's actor asks for no GPU itself; vLLM's Ray executor places the TP workers on
     the engine's reserved slots, told where by VLLM_RAY_BUNDLE_INDICES / VLLM_RAY_PER_WORKER_GPUS.
+    Those index the placement group vLLM finds itself in, the node's: so they are in-node indices.
     """
     if role not in plan.roles:
         raise ValueError(f"role '{role}' has no slots in the placement plan; planned roles: {', '.join(plan.roles)}")
@@ -77,9 +84,20 @@ def rank_specs(plan: PlacementPlan, role: str) -> list[RankSpec]:
         if len(workers) == 1:
             specs.append(RankSpec(e, len(engines), head.bundle, head.gpu, head.cpu, bundles))
         else:
-            env = {"VLLM_RAY_PER_WORKER_GPUS": str(head.gpu), "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, bundles))}
+            env = {"VLLM_RAY_PER_WORKER_GPUS": str(head.gpu),
+                   "VLLM_RAY_BUNDLE_INDICES": ",".join(str(plan.index_in_node(b)) for b in bundles),
+                   PLAN_BUNDLES_ENV: ",".join(map(str, bundles))}
             specs.append(RankSpec(e, len(engines), head.bundle, 0.0, head.cpu, bundles, env))
     return specs
+
+
+def rendezvous_probe(taken: dict[str, frozenset[int]]) -> tuple[str, int]:
+    """Runs on a rank-0 node (a Ray task): this node's IP as Ray knows it and a port free on every
+    interface here (the other nodes connect to it), not one of `taken[that IP]`."""
+    import ray
+
+    addr = ray.util.get_node_ip_address()
+    return addr, free_port("", taken.get(addr, frozenset()))
 
 
 def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -155,22 +173,26 @@ class RayRoleGroup(RoleGroup):
 
 
 class RayExecutor:
-    """Every role rank is a Ray actor in ONE placement group (bundle i = GPU i)."""
+    """Every role rank is a Ray actor in its node's placement group (bundle i = GPU i)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.plan = make_plan(cfg)  # refuses an infeasible layout before Ray starts
-        self.placement_group: Any = None
+        self.placement_groups: list[Any] = []  # one per node: placement.create_placement_groups
         self.owns_ray = False
         self._groups: list[RayRoleGroup] = []
         self._ports = Ports()
 
     def start(self) -> RayExecutor:
-        """Start (or join) Ray and reserve the placement group."""
+        """Start (or join) Ray and reserve the placement groups."""
         import ray
 
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
+            if self.plan.num_nodes > 1 and not address:
+                raise PlacementError(f"placement.num_nodes = {self.plan.num_nodes} needs a running Ray cluster: start "
+                                     f"one (`ray start --head`, then `ray start --address=...` on each other node) "
+                                     f"and set RAY_ADDRESS")
             if address:
                 ray.init(address=address, log_to_driver=True)
             else:
@@ -180,7 +202,7 @@ class RayExecutor:
             from hybrid_ppo.compat.ray import send_worker_output_to
 
             send_worker_output_to(logging.getLogger(WORKER_OUTPUT_LOGGER))
-        self.placement_group = create_placement_group(self.plan)
+        self.placement_groups = create_placement_groups(self.plan)
         return self
 
     def _local_init_kwargs(self) -> dict[str, Any]:
@@ -217,18 +239,17 @@ class RayExecutor:
         in init_process_group).
         """
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if self.placement_group is None:
+        if not self.placement_groups:
             raise RuntimeError("RayExecutor.spawn() before start()")
-        specs, port, env = rank_specs(self.plan, role), self._ports.take(), forwarded_env()
+        specs, env = rank_specs(self.plan, role), forwarded_env()
+        addr, port = self.rendezvous(specs[0].bundle)
         remote_cls = ray.remote(cls)
         handles = []
         for spec in specs:
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.placement_group,
-                                                        placement_group_bundle_index=spec.bundle)
+            strategy = self.bundle_strategy(spec.bundle)
             actor_env = {**env, **spec.env}
-            dist = DistInfo(spec.rank, spec.world_size, LOCALHOST, port, spec.bundles)
+            dist = DistInfo(spec.rank, spec.world_size, addr, port, spec.bundles)
             handles.append(remote_cls.options(
                 num_gpus=spec.gpu, num_cpus=spec.cpu, scheduling_strategy=strategy,
                 runtime_env={"env_vars": actor_env} if actor_env else None,
@@ -239,6 +260,31 @@ class RayExecutor:
         if wait:
             group.wait_ready()
         return group
+
+    def bundle_strategy(self, bundle: int) -> Any:
+        """Ray's scheduling strategy for plan bundle `bundle`: its node's group, its index there."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(placement_group=self.placement_groups[self.plan.node_of(bundle)],
+                                                placement_group_bundle_index=self.plan.index_in_node(bundle))
+
+    def rendezvous(self, bundle: int) -> tuple[str, int]:
+        """Where a role group whose rank 0 lives on `bundle` meets: that node's IP (the driver's
+        127.0.0.1 would not reach another node) and a port free there, distinct from every other
+        group's there. A task on the bundle finds both; it asks for no CPU or GPU, so it fits
+        beside the ranks already there."""
+        import ray
+
+        probe = ray.remote(num_cpus=0)(rendezvous_probe)
+        ref = probe.options(scheduling_strategy=self.bundle_strategy(bundle)).remote(self._ports.taken())
+        try:
+            addr, port = ray.get(ref, timeout=RENDEZVOUS_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise PlacementError(f"no answer from the node of bundle {bundle} in {RENDEZVOUS_TIMEOUT_S:g} s (asked "
+                                 f"for its IP and a free port): is its raylet alive? (`ray status`)") from None
+        self._ports.record(addr, port)
+        return addr, port
 
     def shutdown(self) -> None:
         """Let the roles that can close do so, kill the actors, release the placement group, and
@@ -261,9 +307,9 @@ class RayExecutor:
             for handle in group.members:
                 ray.kill(handle)
         self._groups.clear()
-        if self.placement_group is not None:
-            remove_placement_group(self.placement_group)
-            self.placement_group = None
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        self.placement_groups = []
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False

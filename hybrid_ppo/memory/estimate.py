@@ -65,7 +65,8 @@ def role_model_specs(cfg: Config) -> dict[Role, str]:
 class Setting:
     """Everything the formulas read, so a what-if (another micro-batch) is one `replace`."""
 
-    ranks: int  # ranks per role (1 under the local executor)
+    ranks: int  # ranks per role, all nodes (1 under the local executor): what ZeRO shards over
+    ranks_per_node: int  # ranks per role on one node: what shares that node's host memory
     processes_per_gpu: int  # role processes sharing one GPU (each has a CUDA context)
     zero_stage: int
     w: int  # parameter bytes
@@ -86,8 +87,9 @@ class Setting:
     @classmethod
     def of(cls, cfg: Config, roles: Iterable[Role]) -> Setting:
         local = cfg.placement.executor == ExecutorKind.LOCAL
-        ranks = 1 if local else cfg.placement.num_gpus
-        return cls(ranks=ranks, processes_per_gpu=1 if local else len(list(roles)), zero_stage=cfg.train.zero_stage,
+        ranks = 1 if local else cfg.placement.world_size
+        return cls(ranks=ranks, ranks_per_node=1 if local else cfg.placement.num_gpus,
+                   processes_per_gpu=1 if local else len(list(roles)), zero_stage=cfg.train.zero_stage,
                    w=dtype_bytes(cfg.model.dtype), micro=cfg.train.micro_batch_size,
                    token_budget=cfg.train.max_tokens_per_micro_batch, prompt=cfg.data.max_prompt_tokens,
                    response=cfg.rollout.max_new_tokens, checkpointing=cfg.model.gradient_checkpointing,
@@ -320,7 +322,7 @@ class MemoryPlan:
             "max_gpu_memory_utilization": self.max_gpu_memory_utilization,
             "max_micro_batch_size": self.max_micro_batch_size,
             "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch,
-            "ranks_per_role": self.setting.ranks,
+            "ranks_per_role": self.setting.ranks, "ranks_per_node": self.setting.ranks_per_node,
             "lm_head": self.lm_head,
             "states_bytes_per_rank": self.states,
             "phases": {p: {"gpu_total_gib": e.gpu_total / GIB, "host_total_gib": e.host_total / GIB,
@@ -332,7 +334,7 @@ class MemoryPlan:
     def table(self) -> str:
         roles = list(self.states)
         header = f"{'phase':<16}" + "".join(f"{r:>11}" for r in roles) + f"{'per GPU':>11}{'host':>10}"
-        lines = ["estimated memory per GPU by phase (GiB; host: the node's pinned + pageable, all ranks)", header]
+        lines = ["estimated memory per GPU by phase (GiB; host: one node's pinned + pageable, all its ranks)", header]
         for phase, e in self.phases.items():
             cells = "".join(f"{sum(e.roles[r].values()) / GIB:>11.2f}" for r in roles)
             mark = " <- peak" if phase == self.peak_phase else ""
@@ -343,7 +345,8 @@ class MemoryPlan:
             parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items() if v)
             lines.append(f"  {role:<10} {parts or '-'}")
         host = self.phases[self.host_peak_phase]
-        lines.append(f"host at its peak ({self.host_peak_phase}), all {self.setting.ranks} rank(s): pinned "
+        lines.append(f"host at its peak ({self.host_peak_phase}), per node, its {self.setting.ranks_per_node} rank(s): "
+                     "pinned "
                      + ", ".join(f"{r} {b / GIB:.1f}" for r, b in host.host.items() if b)
                      + f"; pageable (role processes) {host.host_pageable / GIB:.1f}")
         lines.extend(f"LM head ({role}): {path}" for role, path in self.lm_head.items())
@@ -394,9 +397,9 @@ def _estimate(plan: Mapping[Phase, ResidentStates], shapes: dict[Role, ModelShap
                     terms.update({f"{state.value}.{k}": v for k, v in components.items()})
             terms.update(working_bytes(phase, role, m, s, plan[phase]))
             roles[role.value] = terms
-            host[role.value] = s.ranks * sum(_host_copy(role, state, components, s)
+            host[role.value] = s.ranks_per_node * sum(_host_copy(role, state, components, s)
                                              for state, components in states[role].items() if state not in keep)
-        processes = s.ranks * s.processes_per_gpu  # a process per role rank (one in all under the local executor)
+        processes = s.ranks_per_node * s.processes_per_gpu  # a process per role rank on the node (one: local executor)
         result.phases[phase.value] = PhaseEstimate(roles, host, processes * PROCESS_HOST_BYTES)
     return result
 
@@ -425,7 +428,7 @@ def _host_copy(role: Role, state: State, components: dict[str, int], s: Setting)
 def _largest_micro_batch(cfg: Config, plan, shapes, s: Setting, host_bytes: int) -> int | None:
     """The largest micro-batch the config accepts (micro x GPUs divides mini_batch_size) that fits."""
     valid = [m for m in range(1, cfg.train.mini_batch_size + 1)
-             if cfg.train.mini_batch_size % (m * cfg.placement.num_gpus) == 0]
+             if cfg.train.mini_batch_size % (m * cfg.placement.world_size) == 0]
     for micro in sorted(valid, reverse=True):
         if _estimate(plan, shapes, replace(s, micro=micro), host_bytes).fits:
             return micro
@@ -437,7 +440,7 @@ def _largest_token_budget(cfg: Config, plan, shapes, s: Setting, host_bytes: int
     config accepts) up to a whole rank's share of a mini-batch at full length; memory grows with the
     budget, so a bisection finds it. None: not even the longest sequence fits."""
     fits = lambda budget: _estimate(plan, shapes, replace(s, token_budget=budget), host_bytes).fits  # noqa: E731
-    low, high = s.tokens, max(s.tokens, cfg.train.mini_batch_size // cfg.placement.num_gpus * s.tokens)
+    low, high = s.tokens, max(s.tokens, cfg.train.mini_batch_size // cfg.placement.world_size * s.tokens)
     if not fits(low):
         return None
     while low < high:

@@ -4,6 +4,7 @@ ADVANTAGE phase, which runs on the critic's ranks (the actor's without a critic)
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from hybrid_ppo.algo.experience import Experience
 from hybrid_ppo.algo.loss_norm import mini_batch_norms
 from hybrid_ppo.algo.packing import equal_bins, real_lengths
 from hybrid_ppo.algo.ppo import LossNorm
+from hybrid_ppo.checkpoint import files_under
 from hybrid_ppo.config import Config
 from hybrid_ppo.errors import Diverged
 from hybrid_ppo.memory.residency import DeepSpeedResidency
@@ -176,11 +178,15 @@ class TrainedRole(ResidentRole):
                                    f"non-finite loss (iteration {iteration}; train.max_skipped_steps = {limit})")
         return finite, False
 
-    def save_checkpoint(self, directory: str) -> None:
+    def save_checkpoint(self, directory: str) -> list[str]:
         """This rank's part of DeepSpeed's checkpoint: weights, optimizer and LR-scheduler state
-        (ZeRO shards per rank). Collective: every rank must call it (SAVE_* phase)."""
+        (ZeRO shards per rank). Collective: every rank must call it (SAVE_* phase). Returns the
+        files this rank sees under `directory` once written (paths relative to it), which the driver
+        checks it sees too (`checkpoint.check_written_files`): on a second node they are there only
+        if the run directory is shared."""
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False,
                                     client_state={"skipped_in_a_row": self.skipped_in_a_row})
+        return files_under(Path(directory))
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore what `save_checkpoint` wrote (on resume). Collective."""

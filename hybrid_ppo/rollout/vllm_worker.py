@@ -25,9 +25,9 @@ from typing import Any, Iterator
 
 import torch
 
+from hybrid_ppo.placement import PLAN_BUNDLES_ENV  # a TP>1 engine's plan bundles (executor/ray.py: rank_specs)
 from hybrid_ppo.rollout.weight_sync import BucketHandle, OpenedBuffers, device_key, handle_for, probe_opened
 
-BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"  # set by the executor for a TP>1 engine (executor/ray.py: rank_specs)
 
 PARTIAL_RELOAD_SINCE = (0, 32)
 """The oldest vLLM whose in-place reload keeps the layers a call leaves out (checked by tests)."""
@@ -133,11 +133,12 @@ def _on_worker_device(worker) -> Iterator[None]:
 
 def worker_device_key(worker, tp_rank: int) -> str:
     """This worker's `weight_sync.device_key`: its GPU's UUID on CUDA; on CPU the bundle the executor
-    gave its TP rank (VLLM_RAY_BUNDLE_INDICES, inherited from the engine's actor), "" without one."""
+    gave its TP rank (HYBRID_PPO_BUNDLES, inherited from the engine's actor: cluster-wide numbers, as
+    the actor ranks' keys are, where VLLM_RAY_BUNDLE_INDICES counts within the node), "" without one."""
     device = _cuda_device(worker)
     if device is not None:
         return device_key(device, None)
-    bundles = [b for b in os.environ.get(BUNDLE_INDICES_ENV, "").split(",") if b.strip()]
+    bundles = [b for b in os.environ.get(PLAN_BUNDLES_ENV, "").split(",") if b.strip()]
     return device_key(torch.device("cpu"), int(bundles[tp_rank]) if tp_rank < len(bundles) else None)
 
 

@@ -57,6 +57,7 @@ transport itself is exercised by a `gpu` test (tests/test_weight_sync.py).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import pickle
@@ -128,6 +129,7 @@ class BucketHandle:
     location: str | bytes  # shm: /proc/<actor pid>/fd/<memfd>; cuda_ipc: pickled reduce_tensor() payload
     buffer: str  # the staging buffer's unique name: the bucket's bytes start at its offset 0
     device_key: str = ""  # the staging rank's GPU (its UUID; on CPU its bundle): `device_key()`
+    pid_space: str = ""  # where the staging rank's pid means that process: `pid_space()`; "" unknown
 
     @property
     def numel(self) -> int:
@@ -156,6 +158,20 @@ class BucketHandle:
         """`bucket 3 (model.layers.2.self_attn.q_proj.weight .. model.layers.2.mlp.down_proj.weight, 0.2 MiB)`:
         numbered from 1, as a person counts."""
         return f"bucket {self.index + 1} ({self.names[0]} .. {self.names[-1]}, {self.nbytes / 2**20:.1f} MiB)"
+
+
+@functools.cache  # read once: it cannot change while the process lives
+def pid_space() -> str:
+    """Which /proc this process sees: the kernel (its boot id) and the pid namespace. A host
+    handle's /proc/<actor pid>/fd/<fd> names the actor's buffer only where both match. Colocation
+    keeps actor rank i and engine worker i on one node, but on another node (or in another
+    container) the same path would name some other process, or nothing, so `OpenedBuffers`
+    refuses it instead of misreading."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc: nothing to compare, and the open below fails by itself
+        return ""
 
 
 # -- which handle is whose -----------------------------------------------------------------------
@@ -248,7 +264,8 @@ class BucketStager:
             torch.cuda.current_stream().synchronize()  # the engine reads on another stream/process
         return BucketHandle(index, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
                             str(self.dtype).removeprefix("torch."), "shm" if self.on_host else "cuda_ipc",
-                            self._slot_location(slot), self._names[slot], self.device_key)
+                            self._slot_location(slot), self._names[slot], self.device_key,
+                            pid_space() if self.on_host else "")
 
     def _slot_location(self, slot: int) -> str | bytes:
         """Where the engine finds slot `slot`: made once, on the slot's first bucket, and the same
@@ -350,6 +367,11 @@ class OpenedBuffers:
 
     def _open(self, handle: BucketHandle) -> Tensor:
         if handle.transport == "shm":
+            if handle.pid_space and handle.pid_space != pid_space():
+                raise WeightSyncError(f"{handle.describe()}: staged by an actor rank on another host or in another pid "
+                                      f"namespace ({handle.pid_space}; here {pid_space() or 'unknown'}), so "
+                                      f"{handle.location} does not name its buffer here. Actor rank i and engine "
+                                      f"worker i must share a node (executor/ray.py places them in one bundle)")
             gone = FileNotFoundError(f"{handle.describe()}: staging buffer {handle.buffer} is gone "
                                      f"(the actor rank that staged it closed it, or ended)")
             try:
