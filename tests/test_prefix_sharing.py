@@ -176,3 +176,77 @@ def test_shared_scoring_in_token_bins_keeps_row_order(tiny_model_dir):
                                micro_batch_size=4, budget=16, shared=True)
     mask = seq.action_mask.bool()
     torch.testing.assert_close(got[mask], want[mask], rtol=ATOL, atol=ATOL)
+
+
+def _grouped_experience():
+    """4 prompts (1-3 real tokens) x 4 responses (1-4 tokens): 2 groups per rank."""
+    from hybrid_ppo.algo.experience import Experience
+
+    gen = torch.Generator().manual_seed(6)
+    seq = grouped_sequences(14, gen, prompt_lengths=(3, 1, 2, 3), samples=4, max_response=4)
+    action = seq.action_mask
+    old = -torch.rand(action.shape, generator=gen) * action
+    adv = torch.randn(action.shape, generator=gen) * action
+    return Experience.build(seq, old_logprobs=old, ref_logprobs=old, rewards=torch.zeros(action.shape), advantages=adv)
+
+
+def _flat_params(instance) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in instance.engine.module.parameters()])
+
+
+def _micro_batch_rows(instance, shard) -> tuple[bool, list, list[int] | None]:
+    micros, sizes = instance.epoch_micro_batches(shard, torch.Generator().manual_seed(0))
+    return instance.shared, [m.sequences.tokens[:, :3].tolist() for m in micros], sizes
+
+
+@pytest.mark.slow
+def test_shared_update_equals_unshared(tiny_model_dir):
+    """The actor's update (ZeRO-2, 2 ranks, Ray) from prefix-shared micro-batches under a token
+    budget equals the one from plain packed micro-batches. One mini-batch per rank, so the group
+    shuffle and the row shuffle draw the same mini-batch; Adam with eps far above |g| makes the step
+    linear in the gradient (as in test_token_budget.py)."""
+    import shutil
+    import sys
+    import tempfile
+
+    import ray
+
+    from hybrid_ppo.config import load_config
+    from hybrid_ppo.executor.ray import RayExecutor
+    from hybrid_ppo.roles.actor import Actor
+
+    cache = tempfile.mkdtemp(prefix="hppo17", dir="/tmp")
+    common = ["placement.num_gpus=2", "train.zero_stage=2", f"logging.cache_dir={cache}", "rollout.max_new_tokens=4",
+              "data.max_prompt_tokens=3", "train.rollout_batch_size=4", "train.samples_per_prompt=4",
+              "train.mini_batch_size=16", "train.micro_batch_size=4", "train.ppo_epochs=1", "train.weight_decay=0",
+              "train.max_grad_norm=1e9", "train.actor_lr=100", "train.adam_eps=1000", "algo.kl_coef=0",
+              "algo.entropy_coef=0.01", "algo.loss_agg=token_mean", "train.packing=true",
+              "train.max_tokens_per_micro_batch=20"]
+    shards = _grouped_experience().shard(2)  # rows 0-7 and 8-15: two whole groups each
+    updates = {}
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        for shared in (False, True):
+            executor = RayExecutor(load_config(None, common + [f"train.share_prompt_prefix={str(shared).lower()}"])).start()
+            try:
+                actor = executor.spawn("actor", Actor, tiny_model_dir)
+                layouts = ray.get([h.__ray_call__.remote(_micro_batch_rows, s) for h, s in zip(actor.members, shards)])
+                assert all(on == shared for on, _, _ in layouts)
+                if shared:
+                    assert layouts[0][2] == layouts[1][2]  # the same micro-batch count on both ranks
+                    for _, micros, _ in layouts:  # each prompt in one micro-batch only (20 tokens hold a group)
+                        prompts = [tuple(p) for m in micros for p in {tuple(r) for r in m}]
+                        assert len(prompts) == len(set(prompts))
+                before = ray.get(actor.members[0].__ray_call__.remote(_flat_params))
+                actor.call_each("train", [(shard, 0) for shard in shards])
+                after = ray.get([h.__ray_call__.remote(_flat_params) for h in actor.members])
+                torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+                updates[shared] = after[0] - before
+            finally:
+                executor.shutdown()
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        shutil.rmtree(cache, ignore_errors=True)
+    scale = float(updates[False].abs().max())
+    assert scale > 1e-6
+    torch.testing.assert_close(updates[True], updates[False], rtol=1e-4, atol=1e-4 * scale)
