@@ -282,6 +282,8 @@ class TrainConfig(_Section):
     """Padding-free micro-batches: every role's scoring and training passes run the real tokens of several sequences in one row (position_ids restart per sequence); refused at start for a model whose attention would cross them."""
     max_tokens_per_micro_batch: int | None = None
     """Real tokens per micro-batch on one rank (needs packing); sequences are binned under it, balanced over ranks. null: micro_batch_size sequences."""
+    share_prompt_prefix: bool | None = None
+    """Packed rows hold each prompt once, then its samples_per_prompt responses (each sees the prompt and itself only); micro-batches and ranks hold whole groups, the token budget counts distinct tokens. null: on when packing and samples_per_prompt > 1 and the model's attention takes the mask (else off, logged); true: refused at start where it cannot."""
     ppo_epochs: int = 2
     """Passes over each rollout batch."""
     actor_lr: float = 5e-4
@@ -330,8 +332,17 @@ class TrainConfig(_Section):
         if self.max_tokens_per_micro_batch is not None:
             self._positive("max_tokens_per_micro_batch")
             self._require(self.packing, "max_tokens_per_micro_batch", "null unless train.packing=true (a token budget bins packed rows)")
+        if self.share_prompt_prefix:
+            self._require(self.packing, "share_prompt_prefix", "false or null unless train.packing=true (it lays out packed rows)")
         self._require(self.samples_per_iteration % self.mini_batch_size == 0, "mini_batch_size",
                       f"a divisor of rollout_batch_size * samples_per_prompt = {self.samples_per_iteration}")
+
+    @property
+    def prefix_sharing(self) -> bool:
+        """Whether the roles lay groups out prompt-once (`share_prompt_prefix` resolved; each role
+        still checks its model at start): never with one sample per prompt, where it is plain packing."""
+        wanted = self.packing if self.share_prompt_prefix is None else self.share_prompt_prefix
+        return wanted and self.samples_per_prompt > 1
 
     @property
     def samples_per_iteration(self) -> int:

@@ -27,6 +27,7 @@ from hybrid_ppo.algo.estimators import AdvantageBatch, sequence_scores
 from hybrid_ppo.algo.experience import Experience, Sequences, equal_slices
 from hybrid_ppo.algo.kl_controller import KLController
 from hybrid_ppo.algo.packing import balanced_shards, real_lengths
+from hybrid_ppo.algo.prefix_sharing import group_shards
 from hybrid_ppo.algo.ppo import kl_penalty, masked_mean, masked_sum
 from hybrid_ppo.algo.tis import TISWeights, tis_metrics, tis_weights
 from hybrid_ppo.checkpoint import check_written_files
@@ -332,6 +333,8 @@ class PPOTrainer:
         balanced real-token sums (algo/packing.py), so no rank waits on another's longer micro-batches."""
         if self.cfg.train.max_tokens_per_micro_batch is None:
             return [torch.arange(rows.start, rows.stop) for rows in equal_slices(len(seq), num_shards)]
+        if self.cfg.train.prefix_sharing:  # whole groups per rank, so each prompt is packed once (algo/prefix_sharing.py)
+            return [torch.tensor(rows) for rows in group_shards(seq, num_shards)]
         return [torch.tensor(rows) for rows in balanced_shards(real_lengths(seq), num_shards)]
 
     # -- outside the iteration ----------------------------------------------------------------

@@ -31,6 +31,7 @@ from hybrid_ppo.algo.experience import Sequences
 from hybrid_ppo.algo.loss_norm import mini_batch_norms
 from hybrid_ppo.algo.packing import real_lengths, token_bins
 from hybrid_ppo.algo.ppo import policy_loss
+from hybrid_ppo.algo.prefix_sharing import pack_shared
 from hybrid_ppo.roles.forward import response_logprobs
 
 VOCAB = 151_936
@@ -80,13 +81,15 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
-def run_path(model, seq: Sequences, advantages: torch.Tensor, micro_rows: list[torch.Tensor], packed: bool) -> dict:
-    """SCORE (no-grad log-probs) and TRAIN (loss + backward) over the given micro-batches."""
+def run_path(model, seq: Sequences, advantages: torch.Tensor, micro_rows: list[torch.Tensor], packed: bool,
+             shared: bool = False) -> dict:
+    """SCORE (no-grad log-probs) and TRAIN (loss + backward) over the given micro-batches (`shared`:
+    packed with each group's prompt once, algo/prefix_sharing.py)."""
     start = time.perf_counter()
     old = torch.zeros(seq.action_mask.shape)
     with torch.no_grad():
         for rows in micro_rows:
-            old[rows] = response_logprobs(model, seq.select(rows), 1.0, fused=True, packed=packed)
+            old[rows] = response_logprobs(model, seq.select(rows), 1.0, fused=True, packed=packed, shared=shared)
     score_s = time.perf_counter() - start
     masks = [seq.action_mask[rows] for rows in micro_rows]
     norms = mini_batch_norms(masks, grad_accum=len(micro_rows), world_size=1, horizon=float(seq.action_mask.shape[1]),
@@ -98,7 +101,7 @@ def run_path(model, seq: Sequences, advantages: torch.Tensor, micro_rows: list[t
         micro = seq.select(rows)
         saved = SavedBytes(model)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            logprobs = response_logprobs(model, micro, 1.0, fused=True, packed=packed)
+            logprobs = response_logprobs(model, micro, 1.0, fused=True, packed=packed, shared=shared)
             # old = the scored log-probs (ratio 1): the loss is the policy gradient term, as on-policy
             out = policy_loss(logprobs, old[rows], advantages[rows], micro.action_mask.float(), 0.2, None, None,
                               "token_mean", norm)
@@ -107,7 +110,8 @@ def run_path(model, seq: Sequences, advantages: torch.Tensor, micro_rows: list[t
         loss_total += float(out.loss.detach()) / len(micro_rows)
     train_s = time.perf_counter() - start
     width = seq.tokens.shape[1]
-    processed = sum(len(r) * width for r in micro_rows) if not packed else int(seq.attention_mask.sum())
+    processed = (sum(len(r) * width for r in micro_rows) if not packed else int(seq.attention_mask.sum()) if not shared
+                 else sum(pack_shared(seq.select(r)).tokens.shape[1] for r in micro_rows))
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
     return {"old_logprobs": old, "score_s": score_s, "train_s": train_s, "memory": memory, "loss": loss_total,
             "processed_tokens": processed, "grad": grad}

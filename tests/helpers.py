@@ -34,3 +34,23 @@ def ragged_sequences(gen: "torch.Generator") -> "Sequences":
     action = (torch.arange(4)[None, :] < lengths[:, None]).long()
     tokens = torch.cat([prompt, torch.where(action.bool(), response, 0)], 1)
     return Sequences(tokens, torch.cat([torch.ones_like(prompt), action], 1), action)
+
+
+def grouped_sequences(vocab: int, gen: "torch.Generator", prompt_lengths=(5, 2, 7), samples: int = 3,
+                      max_response: int = 5) -> "Sequences":
+    """Groups of `samples` responses (1 to `max_response` tokens, right-padded; some end early) to
+    prompts of `prompt_lengths` real tokens (left-padded to the longest), rows g*samples.. of group g:
+    the layout GRPO's rollouts have."""
+    import torch
+
+    from hybrid_ppo.algo.experience import Sequences
+
+    P, R, B = max(prompt_lengths), max_response, len(prompt_lengths) * samples
+    prompt_mask = torch.tensor([[int(c >= P - p) for c in range(P)] for p in prompt_lengths for _ in range(samples)])
+    prompts = torch.randint(1, vocab, (len(prompt_lengths), P), generator=gen).repeat_interleave(samples, 0)
+    lengths = torch.randint(1, R + 1, (B,), generator=gen)
+    lengths[0] = R  # one response as long as the block
+    action = (torch.arange(R)[None, :] < lengths[:, None]).long()
+    responses = torch.randint(1, vocab, (B, R), generator=gen)
+    tokens = torch.cat([prompts * prompt_mask, responses * action], 1)
+    return Sequences(tokens, torch.cat([prompt_mask, action], 1), action)

@@ -34,6 +34,9 @@ class PackedBatch:
     cols: Tensor  # [N] its column there
     last_index: Tensor  # [B] packed position of each sequence's last real token
     shape: tuple[int, int]  # (B, R) of the layout the outputs go back to
+    # Prefix sharing (algo/prefix_sharing.py) only; None: sequences separated by the position_ids restarts alone.
+    segments: Tensor | None = None  # [T] the group (prompt) of each packed token
+    branches: Tensor | None = None  # [T] 0 on a group's prompt, k on its k-th response
 
     def unpack(self, per_token: Tensor) -> Tensor:
         """[N] -> [B, R]: each response token's value in its place, 0 on padding (differentiable)."""

@@ -52,7 +52,7 @@ class Actor(TrainedRole):
         self.engine.eval()
         return self.in_micro_batches(lambda c: response_logprobs(
             self.engine, to_device(c, self.device), self.cfg.rollout.temperature, fused=self.lm_head_path == FUSED,
-            packed=self.cfg.train.packing).cpu(), seq)
+            packed=self.cfg.train.packing, shared=self.shared).cpu(), seq)
 
     def loss(self, micro: Experience, norm: LossNorm, kl_coef: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss − entropy bonus (+ KL in the loss) (+ PTX), as this micro-batch's
@@ -65,7 +65,7 @@ class Actor(TrainedRole):
         # [B, R, V] buffer. The fused path has no such buffer at all.
         logprobs, entropy = response_logprobs(self.engine, seq, self.cfg.rollout.temperature, with_entropy=True,
                                               inplace_backward=True, fused=self.lm_head_path == FUSED,
-                                              packed=self.cfg.train.packing)
+                                              packed=self.cfg.train.packing, shared=self.shared)
         # On-policy without SCORE_ACTOR (Config.scores_old_logprobs): pi_old is this forward's, detached.
         old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs.to(self.device)
         tis = None if micro.tis_weights is None else micro.tis_weights.to(self.device)

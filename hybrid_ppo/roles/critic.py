@@ -26,13 +26,14 @@ class Critic(TrainedRole):
         """[B, R] V_old(s_t) (SCORE_CRITIC)."""
         self.engine.eval()
         return self.in_micro_batches(
-            lambda c: self.engine(to_device(c, self.device), packed=self.cfg.train.packing).cpu(), seq)
+            lambda c: self.engine(to_device(c, self.device), packed=self.cfg.train.packing, shared=self.shared).cpu(), seq)
 
     def loss(self, micro: Experience, norm: LossNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped value regression, as this micro-batch's share of the mini-batch (`norm`). No
         vf_coef: the critic has its own optimizer, where a loss scale would only shift Adam's eps
         and gradient clipping, not the balance with the policy loss it means in a shared model."""
         seq = to_device(micro.sequences, self.device)
-        out = value_loss(self.engine(seq, packed=self.cfg.train.packing), micro.values.to(self.device), micro.returns.to(self.device),
+        values = self.engine(seq, packed=self.cfg.train.packing, shared=self.shared)
+        out = value_loss(values, micro.values.to(self.device), micro.returns.to(self.device),
                          seq.action_mask.float(), self.cfg.algo.value_clip_eps, self.cfg.algo.loss_agg, norm)
         return out.loss, {"loss/value": out.loss.detach(), "critic/clip_frac": out.clip_frac}

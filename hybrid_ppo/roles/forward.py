@@ -1,5 +1,6 @@
 """How a role's model runs on a batch of sequences: the response positions' logits or log-probs,
-on the padded `[B, P+R]` rectangle or packed (algo/packing.py: real tokens only, one row)."""
+on the padded `[B, P+R]` rectangle or packed (algo/packing.py: real tokens only, one row), with each
+group's prompt once where `shared` (algo/prefix_sharing.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import Tensor, nn
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
 from hybrid_ppo.algo.packing import PackedBatch, equal_bins, pack, real_lengths, token_bins
+from hybrid_ppo.algo.prefix_sharing import equal_unit_bins, group_units, pack_shared, unit_lengths
 from hybrid_ppo.config import ConfigError
 
 
@@ -25,30 +27,38 @@ def response_logits(model: nn.Module, seq: Sequences) -> Tensor:
 
 def packed_response_logits(model: nn.Module, packed: PackedBatch, keep_batch_dim: bool = False):
     """[N, V] logits at the packed positions that predict the N real response tokens ([1, N, V], or
-    whatever lm_head returned, with `keep_batch_dim`). No attention mask and no cache: that is when
-    transformers reads the restarting position_ids as sequence boundaries (a cache, even an empty
-    one, switches the detection off)."""
-    out = model(input_ids=packed.tokens, position_ids=packed.position_ids, use_cache=False,
-                logits_to_keep=packed.predict_index)
+    whatever lm_head returned, with `keep_batch_dim`). Plain packing passes no attention mask and no
+    cache: that is when transformers reads the restarting position_ids as sequence boundaries; a
+    shared prefix passes its own 4-D mask (roles/shared_mask.py)."""
+    from hybrid_ppo.roles.shared_mask import packed_inputs
+
+    out = model(**packed_inputs(model, packed), logits_to_keep=packed.predict_index)
     return out.logits if keep_batch_dim else out.logits[0]
 
 
 def packed_hidden(body: nn.Module, packed: PackedBatch) -> Tensor:
     """[T, H] a transformer body's final hidden states over a packed row (see packed_response_logits)."""
-    return body(input_ids=packed.tokens, position_ids=packed.position_ids, use_cache=False).last_hidden_state[0]
+    from hybrid_ppo.roles.shared_mask import packed_inputs
+
+    return body(**packed_inputs(body, packed)).last_hidden_state[0]
+
+
+def pack_layout(seq: Sequences, shared: bool = False) -> PackedBatch:
+    """`seq` packed, each group's prompt once where `shared`."""
+    return pack_shared(seq) if shared else pack(seq)
 
 
 def response_logprobs(model: nn.Module, seq: Sequences, temperature: float, with_entropy: bool = False,
-                      inplace_backward: bool = False, fused: bool = False, packed: bool = False):
+                      inplace_backward: bool = False, fused: bool = False, packed: bool = False, shared: bool = False):
     """log pi(a_t | s_t) at the rollout temperature for every response token, through the one
     door to the kernels (which scale by the temperature without a [B, R, V] copy). `fused`: no
     [B, R, V] logits at all (roles/lm_head.py, whose `lm_head_path` says when that is possible).
-    `packed`: the sequences' real tokens in one row; the result is in the same [B, R] layout
-    (0 on padding)."""
+    `packed`: the sequences' real tokens in one row, each group's prompt once where `shared`; the
+    result is in the same [B, R] layout (0 on padding)."""
     from hybrid_ppo import ops
 
     if packed:
-        batch = pack(seq)
+        batch = pack_layout(seq, shared)
         if fused:
             from hybrid_ppo.roles.lm_head import fused_packed_logprobs
 
@@ -106,18 +116,38 @@ def check_packing(model: nn.Module, role: str) -> None:
 
 
 def in_micro_batches(fn, seq: Sequences, micro_batch_size: int, budget: int | None = None,
-                     max_over_ranks=None) -> Tensor:
+                     max_over_ranks=None, shared: bool = False) -> Tensor:
     """`fn` (a scoring forward: Sequences -> [b, ...]) over micro-batches of `seq`, results in `seq`'s
     row order. Micro-batches of `micro_batch_size` rows, or, under a token `budget`, bins of at most
     that many real tokens (algo/packing.py), the same count on every rank when `max_over_ranks` is
-    given (a ZeRO-3 role's forwards are collectives)."""
-    if budget is None:
+    given (a ZeRO-3 role's forwards are collectives). `shared`: whole groups of one prompt
+    together (algo/prefix_sharing.py), the budget counting each prompt once."""
+    if shared:
+        index = [torch.tensor(b) for b in group_bins(seq, micro_batch_size, budget, max_over_ranks)]
+    elif budget is None:
         return torch.cat([fn(c) for c in seq.chunks(micro_batch_size)])
-    lengths = real_lengths(seq)
-    bins = (equal_bins([lengths], budget, max_over_ranks)[0] if max_over_ranks is not None
-            else token_bins(lengths, budget))
-    index = [torch.tensor(b) for b in bins]
+    else:
+        lengths = real_lengths(seq)
+        bins = (equal_bins([lengths], budget, max_over_ranks)[0] if max_over_ranks is not None
+                else token_bins(lengths, budget))
+        index = [torch.tensor(b) for b in bins]
     outs = [fn(seq.select(i)) for i in index]
     result = outs[0].new_empty((len(seq), *outs[0].shape[1:]))
     result[torch.cat(index)] = torch.cat(outs)
     return result
+
+
+def group_bins(seq: Sequences, micro_batch_size: int, budget: int | None = None, max_over_ranks=None) -> list[list[int]]:
+    """Rows of `seq` in micro-batches of whole groups (algo/prefix_sharing.py `group_units`): in group
+    order, `micro_batch_size` rows each (a group cut only where a micro-batch ends), or under a token
+    `budget` bins of whole units of at most that many distinct tokens, the same count on every rank
+    when `max_over_ranks` is given."""
+    units = group_units(seq, budget)
+    if budget is None:
+        order = [row for unit in units for row in unit]
+        return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+    if max_over_ranks is not None:
+        units, unit_index = equal_unit_bins(seq, [units], budget, max_over_ranks)[0]
+    else:
+        unit_index = token_bins(unit_lengths(seq, units), budget)
+    return [sorted(row for u in b for row in units[u]) for b in unit_index]

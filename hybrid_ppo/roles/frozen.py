@@ -10,6 +10,7 @@ from hybrid_ppo.config import Config
 from hybrid_ppo.memory.residency import ModuleResidency
 from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.forward import check_packing
+from hybrid_ppo.roles.shared_mask import resolve_prefix_sharing
 
 
 class FrozenRole(ResidentRole):
@@ -22,5 +23,7 @@ class FrozenRole(ResidentRole):
         self.model = load().to(self.device).eval()
         self.model.requires_grad_(False)
         self.residency = ModuleResidency(self.model, self.device)
+        role = type(self).__name__.lower()
         if cfg.train.packing:
-            check_packing(self.model, type(self).__name__.lower())
+            check_packing(self.model, role)
+        self.shared = resolve_prefix_sharing(cfg.train, self.model, role, dist.rank)  # algo/prefix_sharing.py

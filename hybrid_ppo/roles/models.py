@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from hybrid_ppo.algo.experience import Sequences, position_ids
-from hybrid_ppo.algo.packing import pack
 from hybrid_ppo.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -82,13 +81,14 @@ class ValueModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable()
 
-    def forward(self, seq: Sequences, packed: bool = False) -> Tensor:
+    def forward(self, seq: Sequences, packed: bool = False, shared: bool = False) -> Tensor:
         """[B, R] values of the states before each response token, in fp32 (0 on padding when `packed`:
-        the real tokens in one row, algo/packing.py)."""
+        the real tokens in one row, algo/packing.py; each group's prompt once where `shared`)."""
         if packed:
-            batch = pack(seq)
-            hidden = self.backbone(input_ids=batch.tokens, position_ids=batch.position_ids,
-                                   use_cache=False).last_hidden_state[0]  # [T, H]
+            from hybrid_ppo.roles.forward import pack_layout, packed_hidden
+
+            batch = pack_layout(seq, shared)
+            hidden = packed_hidden(self.backbone, batch)  # [T, H]
             return batch.unpack(self.value_head(hidden[batch.predict_index]).squeeze(-1).float())
         hidden = self.backbone(input_ids=seq.tokens, attention_mask=seq.attention_mask,
                                position_ids=position_ids(seq.attention_mask)).last_hidden_state

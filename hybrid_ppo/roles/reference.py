@@ -25,4 +25,5 @@ class Reference(FrozenRole):
         train = self.cfg.train
         return in_micro_batches(lambda c: response_logprobs(
             self.model, to_device(c, self.device), self.cfg.rollout.temperature, fused=self.lm_head_path == FUSED,
-            packed=train.packing).cpu(), seq, train.micro_batch_size, train.max_tokens_per_micro_batch)
+            packed=train.packing, shared=self.shared).cpu(), seq, train.micro_batch_size, train.max_tokens_per_micro_batch,
+            shared=self.shared)

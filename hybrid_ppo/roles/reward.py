@@ -36,12 +36,11 @@ from torch import Tensor
 
 from hybrid_ppo.algo.advantages import last_token_index
 from hybrid_ppo.algo.experience import Sequences, position_ids
-from hybrid_ppo.algo.packing import pack
 from hybrid_ppo.config import Config
 from hybrid_ppo.errors import HybridPPOError, InputError
 from hybrid_ppo.rewards.combine import CombinedReward, RewardSource
 from hybrid_ppo.role_process import torch_dtype
-from hybrid_ppo.roles.forward import in_micro_batches, packed_hidden, to_device
+from hybrid_ppo.roles.forward import in_micro_batches, pack_layout, packed_hidden, to_device
 from hybrid_ppo.roles.frozen import FrozenRole
 from hybrid_ppo.roles.models import load_sequence_classifier
 
@@ -177,22 +176,23 @@ class RewardModel(FrozenRole):
         """[B] one scalar per sequence."""
         train = self.cfg.train
         scores = in_micro_batches(
-            lambda c: score_last_token(self.model, to_device(c, self.device), packed=train.packing).float().cpu(),
-            seq, train.micro_batch_size, train.max_tokens_per_micro_batch)
+            lambda c: score_last_token(self.model, to_device(c, self.device), packed=train.packing,
+                                       shared=self.shared).float().cpu(),
+            seq, train.micro_batch_size, train.max_tokens_per_micro_batch, shared=self.shared)
         bad = (~torch.isfinite(scores)).nonzero()
         if len(bad):
             raise RewardError(f"reward model returned a non-finite score for sample {int(bad[0, 0])}")
         return scores
 
 
-def score_last_token(model, seq: Sequences, packed: bool = False) -> Tensor:
+def score_last_token(model, seq: Sequences, packed: bool = False, shared: bool = False) -> Tensor:
     """[B] the classifier's score at each row's last real token. The backbone and the `score`
     head run separately: transformers' own pooling looks for `pad_token_id`, and a pad id cannot
     say where a row ends (prompts are left-padded, responses right-padded, and pad may be EOS):
     the last 1 of the attention mask does."""
     backbone = getattr(model, model.base_model_prefix)
     if packed:  # the real tokens in one row (algo/packing.py): each sequence's last one is known
-        batch = pack(seq)
+        batch = pack_layout(seq, shared)  # `shared`: each group's prompt once (algo/prefix_sharing.py)
         return model.score(packed_hidden(backbone, batch)[batch.last_index])[:, 0]
     hidden = backbone(input_ids=seq.tokens, attention_mask=seq.attention_mask,
                       position_ids=position_ids(seq.attention_mask)).last_hidden_state  # [B, T, H]

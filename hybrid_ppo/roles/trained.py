@@ -16,6 +16,7 @@ from hybrid_ppo.algo.estimators import AdvantageBatch, estimate
 from hybrid_ppo.algo.experience import Experience
 from hybrid_ppo.algo.loss_norm import mini_batch_norms
 from hybrid_ppo.algo.packing import equal_bins, real_lengths
+from hybrid_ppo.algo.prefix_sharing import equal_unit_bins, group_units, prompt_groups
 from hybrid_ppo.algo.ppo import LossNorm
 from hybrid_ppo.checkpoint import files_under
 from hybrid_ppo.config import Config
@@ -25,6 +26,7 @@ from hybrid_ppo.metrics import combine
 from hybrid_ppo.role_process import ResidentRole, init_distributed, role_device
 from hybrid_ppo.roles.deepspeed_engine import build_engine
 from hybrid_ppo.roles.forward import check_packing, in_micro_batches
+from hybrid_ppo.roles.shared_mask import resolve_prefix_sharing
 from hybrid_ppo.seeding import derived_seed
 
 CHECKPOINT_TAG = "state"
@@ -49,6 +51,7 @@ class TrainedRole(ResidentRole):
         self.residency = DeepSpeedResidency(self.engine)
         if cfg.train.packing:
             check_packing(self.engine.module, self.name)
+        self.shared = resolve_prefix_sharing(cfg.train, self.engine.module, self.name, dist.rank)  # algo/prefix_sharing.py
         self.skipped_in_a_row = 0  # optimizer steps skipped for a non-finite loss since the last real one
         self.poisoned = False  # a micro-batch of the optimizer step being accumulated had a non-finite loss
 
@@ -100,6 +103,8 @@ class TrainedRole(ResidentRole):
         shuffled order) is binned into micro-batches of at most that many real tokens, the same count
         on every rank (algo/packing.py)."""
         train = self.cfg.train
+        if self.shared:
+            return self.group_micro_batches(experience, order)
         if train.max_tokens_per_micro_batch is None:
             return list(experience.micro_batches(train.micro_batch_size, order)), None
         perm = torch.randperm(len(experience), generator=order)  # the draw micro_batches makes
@@ -111,6 +116,28 @@ class TrainedRole(ResidentRole):
         micros = [experience.select(m[torch.tensor(b)]) for m, mini_bins in zip(minis, bins) for b in mini_bins]
         return micros, [len(b) for b in bins]
 
+    def group_micro_batches(self, experience: Experience, order: torch.Generator
+                            ) -> tuple[list[Experience], list[int] | None]:
+        """`epoch_micro_batches` with a shared prompt prefix: the shuffle draws groups (rows of one
+        prompt, algo/prefix_sharing.py), so mini- and micro-batches hold whole groups; cut into
+        micro-batches of micro_batch_size rows, or binned by distinct tokens under a token budget,
+        the same count on every rank."""
+        train = self.cfg.train
+        groups = prompt_groups(experience.sequences)
+        perm = torch.cat([torch.tensor(groups[g]) for g in torch.randperm(len(groups), generator=order).tolist()])
+        share = train.mini_batch_size // self.world_size
+        minis = [perm[start:start + share] for start in range(0, len(experience), share)]
+        budget = train.max_tokens_per_micro_batch
+        if budget is None:
+            size = train.micro_batch_size
+            return [experience.select(m[start:start + size]) for m in minis for start in range(0, len(m), size)], None
+        seq = experience.sequences
+        units = [[m[u].tolist() for u in group_units(seq.select(m), budget)] for m in minis]  # rows of `experience`
+        binned = equal_unit_bins(seq, units, budget, self.max_over_ranks)
+        micros = [experience.select(torch.tensor(sorted(row for u in b for row in mini_units[u])))
+                  for mini_units, bins in binned for b in bins]
+        return micros, [len(bins) for _, bins in binned]
+
     def loss_norms(self, micros: list[Experience], sizes: list[int] | None = None) -> list[LossNorm]:
         """Each micro-batch's mini-batch divisors, summed over ranks (see algo/loss_norm.py)."""
         return mini_batch_norms([m.sequences.action_mask for m in micros], self.engine.gradient_accumulation_steps(),
@@ -119,7 +146,8 @@ class TrainedRole(ResidentRole):
     def in_micro_batches(self, fn, seq) -> Tensor:
         """A scoring forward over `seq` in micro-batches (roles/forward.py), the same count on every rank."""
         train = self.cfg.train
-        return in_micro_batches(fn, seq, train.micro_batch_size, train.max_tokens_per_micro_batch, self.max_over_ranks)
+        return in_micro_batches(fn, seq, train.micro_batch_size, train.max_tokens_per_micro_batch, self.max_over_ranks,
+                                self.shared)
 
     def max_over_ranks(self, counts: list[int]) -> list[int]:
         """Element-wise maximum over this role's ranks (a sync point)."""
